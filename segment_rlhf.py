@@ -60,7 +60,7 @@ class Common:
 
 @dataclass
 class SFTArgs(Common):
-    epochs: int = field(default=3, metadata={"help": "passes over the SFT data"})
+    epochs: int = field(default=6, metadata={"help": "passes over the SFT data"})
     flawed_fraction: float = field(default=0.3, metadata={"help": "toy only: share of flawed SFT targets, so PPO has room to improve"})
 
 
@@ -576,7 +576,7 @@ def rm_data(args, accelerator, model_path, tokenizer, threshold):
     import hashlib
 
     end_id = end_token_id(tokenizer, args.end_token)
-    ds = load_rows(args.dataset) if args.dataset else datasets.Dataset.from_list(toy_preference_rows(2000 + args.eval_size, args.seed))
+    ds = load_rows(args.dataset) if args.dataset else datasets.Dataset.from_list(toy_preference_rows(2200, args.seed))
     ds = prepare_pairs(ds, tokenizer, args, end_id)
     if not math.isinf(threshold):
         # The cache key: the encoded data's fingerprint and the reference model (a retrained local one too).
@@ -712,12 +712,12 @@ def collect_segment_rewards(model, loader, threshold, accelerator):
     """Score every response in `loader`: 1-D segment positions and rewards, and (N,) sequence scores."""
     model.eval()
     positions, rewards, scores = [], [], []
-    for batch in loader:
+    for batch in loader:  # plain gather: a pair batch has 2B rows, which gather_for_metrics would cut to B
         values, ends, score = rm_forward(model, batch, threshold)
-        pos = accelerator.gather_for_metrics(accelerator.pad_across_processes(segment_positions(ends), dim=1))
-        val = accelerator.gather_for_metrics(accelerator.pad_across_processes(values * ends, dim=1))
+        pos = accelerator.gather(accelerator.pad_across_processes(segment_positions(ends), dim=1))
+        val = accelerator.gather(accelerator.pad_across_processes(values * ends, dim=1))
         positions.append(pos[pos > 0].cpu()), rewards.append(val[pos > 0].cpu())
-        scores.append(accelerator.gather_for_metrics(score).cpu())
+        scores.append(accelerator.gather(score).cpu())
     model.train()
     return torch.cat(positions), torch.cat(rewards), torch.cat(scores)
 

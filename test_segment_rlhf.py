@@ -1,0 +1,264 @@
+"""Tests: pure functions on hand-built cases and properties, then short toy runs of each stage."""
+import json
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import segment_rlhf as S
+
+INF = float("inf")
+
+
+# --- §1 entropy segmentation -------------------------------------------------------------------
+
+
+def test_token_entropy_matches_definition_in_float32_and_bf16():
+    logits = torch.randn(2, 5, 11) * 4
+    p = logits.softmax(-1)
+    expected = -(p * p.log()).sum(-1)
+    assert torch.allclose(S.token_entropy(logits), expected, atol=1e-5)
+    out = S.token_entropy(logits.bfloat16())
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, expected, atol=0.05)
+    assert torch.allclose(S.token_entropy(torch.zeros(1, 1, 8)), torch.tensor([[math.log(8)]]))
+
+
+def test_segment_ends_hand_built():
+    H = torch.tensor([[0.1, 2.5, 0.3, 2.0, 3.0, 0.2, 9.0]])
+    content = torch.tensor([[0, 1, 1, 1, 1, 1, 0]]).bool()  # prompt token, 5 content tokens, EOS
+    # strictly greater: 2.0 == c is not an end; the last content token (index 5) always is.
+    assert S.segment_ends(H, content, 2.0).long().tolist() == [[0, 1, 0, 0, 1, 1, 0]]
+    assert S.segment_ends(H, content, 0.0).long().tolist() == [[0, 1, 1, 1, 1, 1, 0]]  # token level
+    assert S.segment_ends(H, content, INF).long().tolist() == [[0, 0, 0, 0, 0, 1, 0]]  # bandit
+    bandit_content = torch.tensor([[0, 1, 1, 1, 1, 1, 1]]).bool()  # bandit content includes the EOS
+    assert S.segment_ends(H, bandit_content, INF).long().tolist() == [[0, 0, 0, 0, 0, 0, 1]]
+
+
+def test_segment_ends_empty_mask_and_truncated_rows():
+    H = torch.full((2, 4), 5.0)
+    content = torch.tensor([[0, 0, 0, 0], [0, 1, 1, 1]]).bool()  # empty row; a row with no EOS
+    ends = S.segment_ends(H, content, INF)
+    assert ends.long().tolist() == [[0, 0, 0, 0], [0, 0, 0, 1]]
+    assert S.segment_scores(torch.ones(2, 4), ends).tolist() == [0.0, 1.0]
+
+
+def test_segment_scores_is_mean_of_values_at_ends():
+    values = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    ends = torch.tensor([[0, 1, 0, 1], [1, 0, 0, 0]]).bool()
+    assert S.segment_scores(values, ends).tolist() == [3.0, 5.0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 12), st.floats(0, 3), st.data())
+def test_segments_partition_every_response(B, T, threshold, data):
+    H = torch.tensor(data.draw(st.lists(st.floats(0.01, 4), min_size=B * T, max_size=B * T))).view(B, T)
+    start = torch.tensor(data.draw(st.lists(st.integers(0, T), min_size=B, max_size=B)))[:, None]
+    content = torch.arange(T)[None] >= start
+    ends = S.segment_ends(H, content, threshold)
+    assert not (ends & ~content).any()  # ends lie in the content
+    last = content.long().cumsum(-1) == content.sum(-1, keepdim=True)
+    assert ((last & content) <= ends).all()  # the last content token always closes a segment
+    seg = S.segment_positions(ends)
+    assert torch.allclose(seg.max(-1).values, content.any(-1).float())  # the last segment sits at p = 1
+    assert S.segment_ends(H, content, 0.0).equal(content)  # c = 0, positive entropies: one segment per token
+    assert (S.segment_ends(H, content, INF).sum(-1) == content.any(-1).long()).all()  # c = inf: one segment
+
+
+# --- §3 normalization, §4 interpolation, §5 GAE --------------------------------------------------
+
+
+def test_segment_positions_hand_built():
+    ends = torch.tensor([[0, 1, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0]]).bool()
+    assert torch.allclose(S.segment_positions(ends), torch.tensor([[0, 1 / 3, 0, 2 / 3, 1, 0], [0.0] * 6]))
+
+
+def test_fit_location_normalizer_recovers_known_lines():
+    torch.manual_seed(0)
+    K = torch.randint(1, 30, (4000,))
+    p = torch.cat([torch.arange(1, k + 1) / k for k in K.tolist()])
+    a_mu, a_sigma, b_mu, b_sigma = 0.77, 0.26, 0.47, 2.83  # the authors' Phi-3 values
+    r = (a_mu * p.log() + b_mu) + (a_sigma * p.log() + b_sigma) * torch.randn_like(p)
+    fit = S.fit_location_normalizer(p, r)
+    assert fit == pytest.approx((a_mu, a_sigma, b_mu, b_sigma), abs=0.06)
+
+
+def test_normalize_segment_rewards_closed_form():
+    values = torch.tensor([[3.0, 0.0, 5.0]])
+    ends = torch.tensor([[1, 0, 1]]).bool()  # p = 1/2 and 1
+    params = (1.0, 0.5, 1.0, 2.0)
+    out = S.normalize_segment_rewards(values, ends, params)
+    lp = math.log(0.5)
+    assert out[0].tolist() == pytest.approx([(3 - (lp + 1)) / (0.5 * lp + 2), 0.0, (5 - 1) / 2])
+    # sigma(p) crossing zero is guarded, not divided by
+    assert torch.isfinite(S.normalize_segment_rewards(values, ends, (0.0, 10.0, 0.0, 0.1))).all()
+
+
+def test_interpolate_rewards_three_modes():
+    seg = torch.tensor([[0.0, 6.0, 0.0, 0.0, 3.0, 0.0]])
+    ends = torch.tensor([[0, 1, 0, 0, 1, 0]]).bool()
+    content = torch.tensor([[1, 1, 1, 1, 1, 0]]).bool()  # segments [0, 1] and [2, 4]; last token is EOS
+    assert S.interpolate_rewards(seg, ends, content, "even").tolist() == [[3, 3, 1, 1, 1, 0]]
+    assert S.interpolate_rewards(seg, ends, content, "last").tolist() == [[0, 6, 0, 0, 3, 0]]
+    assert S.interpolate_rewards(seg, ends, content, "repeat").tolist() == [[6, 6, 3, 3, 3, 0]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 10), st.data())
+def test_even_interpolation_sums_to_segment_rewards(B, T, data):
+    H = torch.tensor(data.draw(st.lists(st.floats(0, 3), min_size=B * T, max_size=B * T))).view(B, T)
+    content = torch.arange(T)[None] >= torch.tensor(data.draw(st.lists(st.integers(0, T), min_size=B, max_size=B)))[:, None]
+    ends = S.segment_ends(H, content, 1.5)
+    seg = torch.randn(B, T) * ends
+    dense = S.interpolate_rewards(seg, ends, content, "even")
+    assert torch.allclose(dense.sum(-1), seg.sum(-1), atol=1e-5)
+    assert (dense[~content] == 0).all()
+
+
+def test_gae_hand_computed():
+    r, v = torch.tensor([[1.0, 0.0, 2.0, 9.0]]), torch.tensor([[0.5, 1.0, 1.5, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])  # the last position is padding
+    gamma, lam = 0.9, 0.8
+    d2 = 2.0 - 1.5
+    d1 = 0.0 + gamma * 1.5 - 1.0
+    d0 = 1.0 + gamma * 1.0 - 0.5
+    a2, a1 = d2, d1 + gamma * lam * d2
+    a0 = d0 + gamma * lam * a1
+    adv, ret = S.gae(r, v, mask, gamma, lam)
+    assert adv[0].tolist() == pytest.approx([a0, a1, a2, 0.0])
+    assert ret[0, :3].tolist() == pytest.approx([a0 + 0.5, a1 + 1.0, a2 + 1.5])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 12))
+def test_gae_lambda_one_is_reward_to_go_minus_value(T, n):
+    torch.manual_seed(T * 13 + n)
+    r, v = torch.randn(1, T), torch.randn(1, T)
+    mask = (torch.arange(T) < min(n, T)).long()[None]
+    adv, _ = S.gae(r, v * mask, mask, 1.0, 1.0)
+    to_go = (r * mask).flip(-1).cumsum(-1).flip(-1)
+    assert torch.allclose(adv, (to_go - v) * mask, atol=1e-5)
+
+
+# --- toy task -------------------------------------------------------------------------------------
+
+
+def test_toy_score_checks_each_flaw():
+    assert S.toy_score("Name 3 colors.", "Here are 3 colors: red, blue, pink.") == 1.0
+    assert S.toy_score("Name 3 colors.", "Here are 3 colors: red, blue, goat.") == pytest.approx(2 / 3)
+    assert S.toy_score("Name 3 colors.", "Here are 3 colors: red, red, pink.") == pytest.approx(2 / 3)
+    assert S.toy_score("Name 3 colors.", "Here are 3 colors: red, blue, pink, gray.") == 0.75
+    assert S.toy_score("Name 3 colors.", "Here are 3 fruits: fig, plum, kiwi.") == 0.0
+    assert S.toy_score("Name 3 colors.", "red, blue, pink") == 0.0
+
+
+def test_toy_pairs_are_deterministic_minimal_edits():
+    rows = S.toy_preference_rows(50, seed=3)
+    assert rows == S.toy_preference_rows(50, seed=3)
+    for r in rows:
+        assert S.toy_score(r["prompt"], r["chosen"]) == 1.0 > S.toy_score(r["prompt"], r["rejected"])
+        assert len(r["chosen"].split(",")) == len(r["rejected"].split(","))
+
+
+# --- toy runs: sft -> train-rm -> segment / fit-norm / ppo ------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    sft = S.main(["sft", "--epochs", "3", "--output-dir", str(root / "sft")])
+    rm = S.main(["train-rm", "--model", sft["output_dir"], "--epochs", "1", "--output-dir", str(root / "rm")])
+    return {"root": root, "sft": sft["output_dir"], "rm": rm["output_dir"], "rm_result": rm}
+
+
+def test_toy_segment_rm_learns(toy):
+    result = toy["rm_result"]
+    assert result["eval_accuracy"] >= 0.9  # chance is 0.5
+    rows = [json.loads(line) for line in open(os.path.join(toy["rm"], "metrics.jsonl"))]
+    assert rows[-1]["rm/chosen_score"] > rows[-1]["rm/rejected_score"]
+    assert 3 < rows[-1]["segment/per_response"] < 7  # header + one segment per item, not one per token
+    saved = json.load(open(os.path.join(toy["rm"], S.SETTINGS_FILE)))
+    assert saved["entropy_threshold"] == 1.0 and len(saved["normalizer"]) == 4 and saved["std"] > 0
+
+
+def test_saved_rm_loads_with_auto_class_and_gives_same_values(toy):
+    from transformers import AutoModelForSequenceClassification
+
+    ours = S.load_model(toy["rm"], "value").eval()
+    auto = AutoModelForSequenceClassification.from_pretrained(toy["rm"]).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    mask = torch.ones_like(ids)
+    assert torch.allclose(S.token_values(ours, ids, mask), S.token_values(auto, ids, mask), atol=1e-5)
+    assert torch.allclose(S.token_values(auto, ids, mask)[:, -1], auto(input_ids=ids).logits[:, 0], atol=1e-5)
+
+
+def test_toy_segmentation_cuts_at_list_separators(toy, capsys):
+    out = S.main(["segment", "--model", toy["sft"], "--prompt", "Name 3 colors.", "--response",
+                  "Here are 3 colors: black, green, pink.", "--html", str(toy["root"] / "seg.html")])
+    assert [s["text"] for s in out["segments"]] == ["Here are 3 colors:", " black,", " green,", " pink."]
+    assert "black" in open(toy["root"] / "seg.html").read()
+
+
+def test_segment_rewards_single_out_the_wrong_item(toy):
+    out = S.main(["segment", "--reward-model", toy["rm"], "--prompt", "Name 4 fruits.",
+                  "--response", "Here are 4 fruits: apple, plum, tiger, fig."])
+    rewards = {s["text"]: s["reward"] for s in out["segments"]}
+    assert rewards[" tiger,"] < min(rewards[" apple,"], rewards[" plum,"])
+
+
+def test_both_dataset_layouts_from_local_files(toy):
+    root, tok = toy["root"], S.load_tokenizer(toy["sft"])
+    standard = {"prompt": "Name 2 fruits.", "chosen": "Here are 2 fruits: fig, kiwi.", "rejected": "Here are 2 fruits: fig, cat."}
+    conv = {k: [{"role": "user", "content": standard["prompt"]}, {"role": "assistant", "content": standard[k]}]
+            for k in ("chosen", "rejected")}
+    (root / "standard.jsonl").write_text(json.dumps(standard) + "\n")
+    (root / "conv.jsonl").write_text(json.dumps(conv) + "\n")
+    args = S.RMArgs()
+    a = S.prepare_pairs(S.load_rows(str(root / "standard.jsonl")), tok, args, S.end_token_id(tok))
+    b = S.prepare_pairs(S.load_rows(str(root / "conv.jsonl")), tok, args, S.end_token_id(tok))
+    assert a[0] == b[0] and a[0]["chosen_ids"][-1] == tok.eos_token_id
+
+
+def test_fit_norm_refits_the_saved_normalizer(toy):
+    before = json.load(open(os.path.join(toy["rm"], S.SETTINGS_FILE)))
+    out = S.main(["fit-norm", "--reward-model", toy["rm"], "--norm-samples", "200"])
+    after = json.load(open(os.path.join(toy["rm"], S.SETTINGS_FILE)))
+    assert out["norm_samples"] == after["norm_samples"] == 400  # 200 pairs, chosen and rejected
+    assert after["normalizer"] == out["normalizer"] != before["normalizer"]
+
+
+def test_short_toy_ppo_runs_and_saves_a_loadable_policy(toy):
+    from transformers import AutoModelForCausalLM
+
+    out = S.main(["ppo", "--reward-model", toy["rm"], "--steps", "3", "--batch-size", "16", "--mini-batch-size", "8",
+                  "--eval-prompts", "16", "--output-dir", str(toy["root"] / "ppo")])
+    for key in ("reward_before", "reward_after", "toy_score_before", "toy_score_after"):
+        assert math.isfinite(out[key])
+    rows = [json.loads(line) for line in open(toy["root"] / "ppo" / "metrics.jsonl")]
+    assert len(rows) == 3 and rows[0]["segment/per_response"] > 2
+    AutoModelForCausalLM.from_pretrained(out["output_dir"])
+
+
+# --- bad input: one clear line, non-zero exit --------------------------------------------------------
+
+
+def test_bad_input_gets_one_clear_line(toy, tmp_path):
+    (tmp_path / "cols.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    (tmp_path / "same.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "x", "rejected": "x"}) + "\n")
+    cases = [
+        (["train-rm", "--entropy-threshold", "-1"], "must be >= 0"),
+        (["train-rm", "--max-prompt-len", "64", "--max-len", "64"], "must be below --max-len"),
+        (["train-rm", "--model", str(tmp_path / "nope")], "does not exist"),
+        (["train-rm", "--model", toy["sft"], "--dataset", str(tmp_path / "cols.jsonl"), "--output-dir", str(tmp_path / "a")],
+         "found ['question', 'answer']"),
+        (["train-rm", "--model", toy["sft"], "--dataset", str(tmp_path / "same.jsonl"), "--output-dir", str(tmp_path / "b")],
+         "no usable preference pairs"),
+        (["train-rm", "--model", toy["sft"], "--output-dir", toy["rm"]], "holds a different run"),
+        (["ppo", "--reward-model", toy["sft"]], "has no segment_rlhf.json"),
+        (["ppo", "--reward-model", toy["rm"], "--reward-mode", "bandit"], "does not fit"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
+            S.main(argv)
