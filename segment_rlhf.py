@@ -799,13 +799,13 @@ class PPOArgs(Common):
     reward_mode: str = field(default="", metadata={"help": "segment | token | bandit (default: follows the reward model's threshold)"})
     interpolation: str = field(default="even", metadata={"help": "within-segment split: even (paper) | last | repeat"})
     location_norm: bool = field(default=True, metadata={"help": "location-aware normalization (--no-location-norm: raw rewards)"})
-    steps: int = field(default=60, metadata={"help": "PPO iterations (rollout batch + update)"})
+    steps: int = field(default=120, metadata={"help": "PPO iterations (rollout batch + update)"})
     batch_size: int = field(default=64, metadata={"help": "rollout batch: prompts per iteration (global)"})
     mini_batch_size: int = field(default=16, metadata={"help": "train batch: rollouts per optimizer step (global)"})
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
-    lr: float = field(default=5e-5, metadata={"help": "actor learning rate"})
+    lr: float = field(default=1e-4, metadata={"help": "actor learning rate"})
     critic_lr: float = field(default=1e-4, metadata={"help": "critic learning rate"})
-    beta: float = field(default=0.01, metadata={"help": "KL penalty coefficient (fixed)"})
+    beta: float = field(default=0.1, metadata={"help": "KL penalty coefficient, fixed (paper: 0.01; 0.1 keeps the toy policy from lengthening lists)"})
     gamma: float = field(default=1.0, metadata={"help": "discount"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
     clip_eps: float = field(default=0.2, metadata={"help": "policy ratio clip"})
@@ -813,7 +813,7 @@ class PPOArgs(Common):
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
     max_new_tokens: int = field(default=24, metadata={"help": "generation length limit"})
-    missing_eos_penalty: float = field(default=0.0, metadata={"help": "subtracted from the last reward of completions that never stop"})
+    missing_eos_penalty: float = field(default=1.0, metadata={"help": "subtracted from the last reward of completions that never stop (paper: 0)"})
     eval_prompts: int = field(default=128, metadata={"help": "held-out prompts scored before and after training"})
 
 
@@ -995,10 +995,13 @@ def ppo(args):
 
     # Prompts: toy prompts, or a dataset's prompts; the last --eval-prompts rows are held out.
     ds = datasets.Dataset.from_list(toy_prompt_rows(20 * args.batch_size + args.eval_prompts, args.seed)) if not args.dataset else load_rows(args.dataset)
-    ds = prompt_rows(ds)
-    ds = ds.map(lambda row: {"prompt_text": row["messages"][-1]["content"], "input_ids": tokenizer.apply_chat_template(
-        row["messages"], add_generation_prompt=True, tokenize=False)}).map(
-        lambda row: {"input_ids": tokenizer(row["input_ids"], add_special_tokens=False)["input_ids"][-args.max_prompt_len:]})
+
+    def encode_prompt(row):
+        text = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False)
+        return {"prompt_text": row["messages"][-1]["content"],
+                "input_ids": tokenizer(text, add_special_tokens=False)["input_ids"][-args.max_prompt_len:]}
+
+    ds = prompt_rows(ds).map(encode_prompt)
     if len(ds) <= args.eval_prompts + args.batch_size:
         fail(f"{len(ds)} prompts: need more than --eval-prompts ({args.eval_prompts}) + --batch-size ({args.batch_size})")
     train_ds, eval_ds = ds.select(range(len(ds) - args.eval_prompts)), ds.select(range(len(ds) - args.eval_prompts, len(ds)))
