@@ -1015,7 +1015,8 @@ def ppo(args):
     torch.nn.init.zeros_(critic.score.weight)  # Implementation detail: a fresh head starts at 0, not at noise
     for frozen in (ref, rm):
         frozen.requires_grad_(False)
-    stop_ids = sorted({end_id, *(lambda e: e if isinstance(e, list) else [e])(policy.generation_config.eos_token_id or [])})
+    eos = policy.generation_config.eos_token_id  # an id, a list of ids (Phi-3 has several), or None
+    stop_ids = sorted({end_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])})
     opt_p, sched_p = make_optimizer(policy, args, args.steps)
     opt_c, sched_c = make_optimizer(critic, dataclasses.replace(args, lr=args.critic_lr), args.steps)
     policy, critic, opt_p, opt_c, loader, eval_loader = accelerator.prepare(policy, critic, opt_p, opt_c, loader, eval_loader)
