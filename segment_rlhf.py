@@ -67,7 +67,7 @@ class SFTArgs(Common):
 @dataclass
 class RMArgs(Common):
     entropy_threshold: float = field(default=1.0, metadata={"help": "entropy cutoff c: a number (segment), 0 (token), inf (bandit)"})
-    epochs: int = field(default=2, metadata={"help": "passes over the preference data"})
+    epochs: int = field(default=4, metadata={"help": "passes over the preference data"})
     lr: float = field(default=3e-4, metadata={"help": "learning rate"})
     eval_size: int = field(default=200, metadata={"help": "pairs held out from the training data for evaluation"})
     norm_samples: int = field(default=0, metadata={"help": "training pairs scored to fit the normalizer; 0: all"})
@@ -112,7 +112,7 @@ CATEGORIES = {
 TOY_COUNTS = (2, 3, 4, 5)
 # Flaws used to make data. 'duplicate' and 'count' flaws exist too (toy_score checks them), but a 1M-parameter
 # segment RM did not learn them within a CPU budget (held-out accuracy stalled at 0.72-0.78 with them in).
-TOY_FLAWS = ("wrong",)
+TOY_FLAWS = ("wrong", "duplicate", "count")
 TOY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -125,16 +125,17 @@ def toy_prompt(rng):
 
 
 def toy_response(rng, n, category, flaw=None):
-    """A correct answer, or one with a flaw: 'wrong' item, 'duplicate' item, or 'count' off by one."""
-    items = rng.sample(CATEGORIES[category], n)
+    """A correct answer lists n distinct items of the category in alphabetical order (so a 1M model
+    avoids repeats by looking at the previous item only); a flawed one has a 'wrong' item (another
+    category's), a 'duplicate' item, or a 'count' off by one."""
+    k = n + (rng.choice((-1, 1)) if flaw == "count" else 0)
+    items = sorted(rng.sample(CATEGORIES[category], k))
     if flaw == "wrong":
         other = rng.choice([c for c in CATEGORIES if c != category])
         items[rng.randrange(n)] = rng.choice(CATEGORIES[other])
     elif flaw == "duplicate":
-        i, j = rng.sample(range(n), 2)
-        items[i] = items[j]
-    elif flaw == "count":
-        items = items[:-1] if rng.random() < 0.5 else items + [rng.choice([x for x in CATEGORIES[category] if x not in items])]
+        i = rng.randrange(1, n)
+        items[i] = items[i - 1]
     return f"Here are {n} {category}: {', '.join(items)}."
 
 
@@ -471,7 +472,9 @@ def sft(args):
                 accelerator.backward(loss)
                 accelerator.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step(), scheduler.step(), optimizer.zero_grad()
-            bar.update(), bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update()
+            if bar.n % 20 == 0:  # a host sync only now and then
+                bar.set_postfix(loss=f"{loss.item():.3f}")
         log_metrics(args, accelerator, {"epoch": epoch + 1, "sft/loss": loss.item()})
     save_model(accelerator, model, tokenizer, args.output_dir)
     return {"sft/loss": round(loss.item(), 4), "output_dir": args.output_dir}
@@ -626,7 +629,9 @@ def train_rm(args):
                 accelerator.backward(loss)
                 accelerator.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step(), scheduler.step(), optimizer.zero_grad()
-            bar.update(), bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update()
+            if bar.n % 20 == 0:  # a host sync only now and then
+                bar.set_postfix(loss=f"{loss.item():.3f}")
         metrics = {"epoch": epoch + 1, "rm/loss": accelerator.reduce(loss.detach(), "mean").item(),
                    **evaluate_rm(model, eval_loader, threshold, accelerator)}
         log_metrics(args, accelerator, metrics)
@@ -867,8 +872,8 @@ def prompt_rows(ds):
 
 @torch.no_grad()
 def generate(policy, prompt_ids, prompt_mask, args, stop_ids, pad_id):
-    """Sample responses; (B, R) tokens, the mask up to and including the first stop token, and
-    whether each row stopped at all."""
+    """Sample responses: prompt + response ids and attention mask, the (B, R) response tokens, their
+    mask up to and including the first stop token, the stop token itself, and whether each row stopped."""
     out = unwrap(policy).generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, top_k=0,
                                   top_p=args.top_p, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                                   eos_token_id=stop_ids, pad_token_id=pad_id)
@@ -876,7 +881,7 @@ def generate(policy, prompt_ids, prompt_mask, args, stop_ids, pad_id):
     is_stop = torch.isin(response, torch.tensor(stop_ids, device=response.device))
     # Implementation detail: everything after the first stop token is masked (it is padding or junk).
     mask = (is_stop.long().cumsum(-1) - is_stop.long()) == 0
-    return response, mask, is_stop & mask, is_stop.any(-1)
+    return out, torch.cat([prompt_mask, mask.long()], 1), response, mask, is_stop & mask, is_stop.any(-1)
 
 
 def dense_rewards(rm_values, entropy, mask, stop, stopped, settings, args):
@@ -898,19 +903,26 @@ def dense_rewards(rm_values, entropy, mask, stop, stopped, settings, args):
 
 
 @torch.no_grad()
-def rollout(policy, ref, critic, rm, prompt_ids, prompt_mask, settings, args, stop_ids, pad_id):
-    """One rollout batch: responses, old log-probs, reference log-probs and entropies (one forward),
-    values, rewards, advantages and returns, all (B, R)."""
-    response, mask, stop, stopped = generate(policy, prompt_ids, prompt_mask, args, stop_ids, pad_id)
-    seq, attn, P = torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, mask.long()], 1), prompt_ids.shape[1]
-    old_logprobs = logprobs_of(forward(policy, seq, attn).logits[:, P - 1:-1], response, args.temperature)
+def score_responses(ref, rm, seq, attn, response, mask, stop, stopped, settings, args):
+    """One reference forward gives the KL log-probs and the entropies that segment the responses
+    (PAPER §1); one reward-model forward gives the segment rewards. Returns (B, R) reference
+    log-probs and dense rewards, the segment ends, and the raw (B,) RM score."""
+    P = seq.shape[1] - response.shape[1]
     ref_logits = forward(ref, seq, attn).logits
     ref_logprobs = logprobs_of(ref_logits[:, P - 1:-1], response, args.temperature)
-    entropy = token_entropy(ref_logits[:, P:])  # PAPER §1: the reference forward also segments the rollout
-    del ref_logits
+    entropy = token_entropy(ref_logits[:, P:])
+    dense, ends, score = dense_rewards(token_values(rm, seq, attn)[:, P:], entropy, mask, stop, stopped, settings, args)
+    return ref_logprobs, dense, ends, score
+
+
+@torch.no_grad()
+def rollout(policy, ref, critic, rm, prompt_ids, prompt_mask, settings, args, stop_ids, pad_id):
+    """One rollout batch: responses, old log-probs, values, rewards, advantages and returns, all (B, R)."""
+    seq, attn, response, mask, stop, stopped = generate(policy, prompt_ids, prompt_mask, args, stop_ids, pad_id)
+    P = prompt_ids.shape[1]
+    old_logprobs = logprobs_of(forward(policy, seq, attn).logits[:, P - 1:-1], response, args.temperature)
     values = token_values(critic, seq, attn)[:, P - 1:-1]
-    rm_values = token_values(rm, seq, attn)[:, P:]
-    dense, ends, score = dense_rewards(rm_values, entropy, mask, stop, stopped, settings, args)
+    ref_logprobs, dense, ends, score = score_responses(ref, rm, seq, attn, response, mask, stop, stopped, settings, args)
     kl = (old_logprobs - ref_logprobs) * mask
     rewards = dense.clamp(-10, 10) - args.beta * kl
     advantages, returns = gae(rewards, values * mask, mask, args.gamma, args.lam)
@@ -947,12 +959,9 @@ def evaluate_policy(policy, rm, ref, loader, settings, args, stop_ids, tokenizer
     torch.manual_seed(args.seed + 1)  # the same sampling noise before and after training
     scores, toy, texts = [], [], []
     for batch in loader:
-        response, mask, stop, stopped = generate(policy, batch["input_ids"], batch["attention_mask"], args, stop_ids, tokenizer.pad_token_id)
-        seq = torch.cat([batch["input_ids"], response], 1)
-        attn = torch.cat([batch["attention_mask"], mask.long()], 1)
-        P = batch["input_ids"].shape[1]
-        entropy = token_entropy(forward(ref, seq, attn).logits[:, P:])
-        _, _, score = dense_rewards(token_values(rm, seq, attn)[:, P:], entropy, mask, stop, stopped, settings, args)
+        seq, attn, response, mask, stop, stopped = generate(policy, batch["input_ids"], batch["attention_mask"], args,
+                                                             stop_ids, tokenizer.pad_token_id)
+        score = score_responses(ref, rm, seq, attn, response, mask, stop, stopped, settings, args)[3]
         scores.append(accelerator.gather_for_metrics(score))
         texts += [tokenizer.decode(r[m & ~s], skip_special_tokens=True) for r, m, s in zip(response, mask, stop)]
         toy += [toy_score(p, t) for p, t in zip(batch["prompt_text"], texts[-len(response):])]

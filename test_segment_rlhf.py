@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import random
+import shutil
 
 import pytest
 import torch
@@ -159,7 +161,11 @@ def test_toy_pairs_are_deterministic_minimal_edits():
     assert rows == S.toy_preference_rows(50, seed=3)
     for r in rows:
         assert S.toy_score(r["prompt"], r["chosen"]) == 1.0 > S.toy_score(r["prompt"], r["rejected"])
-        assert len(r["chosen"].split(",")) == len(r["rejected"].split(","))
+        items = r["chosen"].split(": ")[1].rstrip(".").split(", ")
+        assert items == sorted(items)  # alphabetical: a repeat can only sit next to its twin
+    for i in range(20):  # a duplicate repeats its left neighbour
+        items = S.toy_response(random.Random(i), 4, "fruits", "duplicate").split(": ")[1].rstrip(".").split(", ")
+        assert len(set(items)) == 3 and items == sorted(items)
 
 
 # --- toy runs: sft -> train-rm -> segment / fit-norm / ppo ------------------------------------------
@@ -169,13 +175,13 @@ def test_toy_pairs_are_deterministic_minimal_edits():
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     sft = S.main(["sft", "--epochs", "3", "--output-dir", str(root / "sft")])
-    rm = S.main(["train-rm", "--model", sft["output_dir"], "--epochs", "1", "--output-dir", str(root / "rm")])
+    rm = S.main(["train-rm", "--model", sft["output_dir"], "--epochs", "3", "--output-dir", str(root / "rm")])
     return {"root": root, "sft": sft["output_dir"], "rm": rm["output_dir"], "rm_result": rm}
 
 
 def test_toy_segment_rm_learns(toy):
     result = toy["rm_result"]
-    assert result["eval_accuracy"] >= 0.9  # chance is 0.5
+    assert result["eval_accuracy"] >= 0.8  # chance is 0.5
     rows = [json.loads(line) for line in open(os.path.join(toy["rm"], "metrics.jsonl"))]
     assert rows[-1]["rm/chosen_score"] > rows[-1]["rm/rejected_score"]
     assert 3 < rows[-1]["segment/per_response"] < 7  # header + one segment per item, not one per token
@@ -229,15 +235,16 @@ def test_fit_norm_refits_the_saved_normalizer(toy):
     assert after["normalizer"] == out["normalizer"] != before["normalizer"]
 
 
-def test_short_toy_ppo_runs_and_saves_a_loadable_policy(toy):
+def test_short_toy_ppo_raises_the_reward_and_saves_a_loadable_policy(toy):
     from transformers import AutoModelForCausalLM
 
-    out = S.main(["ppo", "--reward-model", toy["rm"], "--steps", "3", "--batch-size", "16", "--mini-batch-size", "8",
-                  "--eval-prompts", "16", "--output-dir", str(toy["root"] / "ppo")])
-    for key in ("reward_before", "reward_after", "toy_score_before", "toy_score_after"):
-        assert math.isfinite(out[key])
+    out = S.main(["ppo", "--reward-model", toy["rm"], "--steps", "8", "--batch-size", "32", "--mini-batch-size", "16",
+                  "--eval-prompts", "64", "--output-dir", str(toy["root"] / "ppo")])
+    assert out["reward_after"] > out["reward_before"] and math.isfinite(out["toy_score_after"])
     rows = [json.loads(line) for line in open(toy["root"] / "ppo" / "metrics.jsonl")]
-    assert len(rows) == 3 and rows[0]["segment/per_response"] > 2
+    assert len(rows) == 8 and rows[0]["segment/per_response"] > 2
+    for key in ("ppo/kl", "losses/policy", "losses/value", "ppo/clipfrac", "ppo/entropy", "segment/mean_length"):
+        assert math.isfinite(rows[-1][key])
     AutoModelForCausalLM.from_pretrained(out["output_dir"])
 
 
@@ -247,6 +254,10 @@ def test_short_toy_ppo_runs_and_saves_a_loadable_policy(toy):
 def test_bad_input_gets_one_clear_line(toy, tmp_path):
     (tmp_path / "cols.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
     (tmp_path / "same.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "x", "rejected": "x"}) + "\n")
+    no_norm = shutil.copytree(toy["rm"], tmp_path / "rm-no-norm")
+    settings = json.load(open(no_norm / S.SETTINGS_FILE))
+    del settings["normalizer"]
+    json.dump(settings, open(no_norm / S.SETTINGS_FILE, "w"))
     cases = [
         (["train-rm", "--entropy-threshold", "-1"], "must be >= 0"),
         (["train-rm", "--max-prompt-len", "64", "--max-len", "64"], "must be below --max-len"),
@@ -258,6 +269,9 @@ def test_bad_input_gets_one_clear_line(toy, tmp_path):
         (["train-rm", "--model", toy["sft"], "--output-dir", toy["rm"]], "holds a different run"),
         (["ppo", "--reward-model", toy["sft"]], "has no segment_rlhf.json"),
         (["ppo", "--reward-model", toy["rm"], "--reward-mode", "bandit"], "does not fit"),
+        (["ppo", "--reward-model", str(no_norm)], "no fitted normalizer"),
+        (["ppo", "--reward-model", toy["rm"], "--dataset", str(tmp_path / "cols.jsonl"), "--output-dir", str(tmp_path / "c")],
+         "needs a 'prompt' column"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
