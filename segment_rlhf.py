@@ -110,9 +110,7 @@ CATEGORIES = {
     "vegetables": ["carrot", "onion", "leek", "pea", "bean", "corn", "kale", "beet"],
 }
 TOY_COUNTS = (2, 3, 4, 5)
-# Flaws used to make data. 'duplicate' and 'count' flaws exist too (toy_score checks them), but a 1M-parameter
-# segment RM did not learn them within a CPU budget (held-out accuracy stalled at 0.72-0.78 with them in).
-TOY_FLAWS = ("wrong", "duplicate", "count")
+TOY_FLAWS = ("wrong", "duplicate", "count")  # each decided inside one segment
 TOY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -928,7 +926,7 @@ def rollout(policy, ref, critic, rm, prompt_ids, prompt_mask, settings, args, st
     advantages, returns = gae(rewards, values * mask, mask, args.gamma, args.lam)
     return {"seq": seq, "attn": attn, "response": response, "mask": mask.float(), "old_logprobs": old_logprobs,
             "values": values * mask, "advantages": whiten(advantages, mask.float()), "returns": returns,
-            "score": score, "kl": kl.sum(-1), "ends": ends, "dense": dense, "stopped": stopped.float()}
+            "score": score, "kl": kl.sum(-1), "ends": ends, "dense": dense, "stop": stop, "stopped": stopped.float()}
 
 
 def ppo_update(policy, critic, opt_p, opt_c, batch, args, accelerator, P):
@@ -963,13 +961,17 @@ def evaluate_policy(policy, rm, ref, loader, settings, args, stop_ids, tokenizer
                                                              stop_ids, tokenizer.pad_token_id)
         score = score_responses(ref, rm, seq, attn, response, mask, stop, stopped, settings, args)[3]
         scores.append(accelerator.gather_for_metrics(score))
-        texts += [tokenizer.decode(r[m & ~s], skip_special_tokens=True) for r, m, s in zip(response, mask, stop)]
+        texts += decode_responses(tokenizer, response, mask, stop)
         toy += [toy_score(p, t) for p, t in zip(batch["prompt_text"], texts[-len(response):])]
     out = {"reward": torch.cat(scores).mean().item()}
     if not args.dataset:
         toy = torch.tensor(accelerator.gather_for_metrics(toy), dtype=torch.float)
         out.update(toy_score=toy.mean().item(), flawed_rate=(toy < 1).float().mean().item())
     return out, texts
+
+
+def decode_responses(tokenizer, response, mask, stop):
+    return [tokenizer.decode(r[m.bool() & ~s], skip_special_tokens=True) for r, m, s in zip(response, mask, stop)]
 
 
 def ppo(args):
@@ -1051,11 +1053,15 @@ def ppo(args):
         sched_p.step(), sched_c.step()
         stats = torch.stack(stats).mean(0)
         ends, mask = data["ends"].float(), data["mask"]
+        toy = [toy_score(p, t) for p, t in zip(batch["prompt_text"], decode_responses(tokenizer, data["response"], mask, data["stop"]))]
         row = torch.stack([data["score"].mean(), data["kl"].mean(), mask.sum(-1).mean(), ends.sum(-1).mean(),
-                           (mask.sum() / ends.sum().clamp(min=1)), data["stopped"].mean(), *stats])
+                           (mask.sum() / ends.sum().clamp(min=1)), data["stopped"].mean(), *stats,
+                           torch.tensor(sum(toy) / len(toy), device=mask.device)])
         row = accelerator.reduce(row, "mean").tolist()
         metrics = dict(zip(["ppo/reward", "ppo/kl", "ppo/response_length", "segment/per_response", "segment/mean_length",
-                            "ppo/stopped", "losses/policy", "losses/value", "ppo/clipfrac", "ppo/entropy"], row))
+                            "ppo/stopped", "losses/policy", "losses/value", "ppo/clipfrac", "ppo/entropy", "ppo/toy_score"], row))
+        if args.dataset:
+            del metrics["ppo/toy_score"]  # the exact checker exists for the toy task only
         log_metrics(args, accelerator, {"step": step + 1, **metrics})
         bar.set_postfix(reward=f"{metrics['ppo/reward']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
         if accelerator.is_main_process and (step + 1) % max(1, args.steps // 4) == 0:
