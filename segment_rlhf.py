@@ -56,6 +56,12 @@ class Common:
     warmup_ratio: float = field(default=0.03, metadata={"help": "linear warm-up, as a fraction of all steps"})
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision"})
     overwrite: bool = field(default=False, metadata={"help": "allow writing into an existing run directory"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward: less memory, ~30%% more time"})
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank (peft) for the trained models; 0: full fine-tuning"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator"})
+    lora_targets: str = field(default="all-linear", metadata={"help": "modules that get adapters (peft target_modules)"})
+    preset: str = field(default="", metadata={"help": "the paper's settings: phi3-mini | llama3-sft-8b | llama31-instruct-8b; flags override"})
+    dry_run: bool = field(default=False, metadata={"help": "print the resolved configuration and exit"})
 
 
 @dataclass
@@ -95,6 +101,50 @@ class SegmentArgs:
 
 
 TOY_SFT, TOY_RM, TOY_PPO = "runs/toy-sft", "runs/toy-rm", "runs/toy-ppo"
+
+# The paper's runs (PAPER §2, §5): model, cutoff c, end token, released reward models, and the authors'
+# fitted normalizers (a_mu, a_sigma, b_mu, b_sigma) for c and for c = 0, and the bandit (mean, std).
+PAPER_MODELS = {
+    "phi3-mini": dict(model="microsoft/Phi-3-mini-4k-instruct", c=1.75, end_token="<|end|>", episodes=2,
+                      rm="yyqoni/Phi-3-mini-4k-instruct-{}-rm-700k", segment=(0.7668, 0.2569, 0.4705, 2.8339),
+                      token=(0.9628, 0.3796, 1.2917, 3.5006), bandit=(-0.5195, 2.1563)),
+    "llama3-sft-8b": dict(model="RLHFlow/LLaMA3-SFT-v2", c=2.0, end_token="<|eot_id|>", episodes=1,
+                          rm="yyqoni/rlhflow-llama-3-sft-8b-v2-{}-rm-700k", segment=(0.8967, 0.5680, 0.8572, 4.1667),
+                          token=(1.7340, 0.9906, 1.3212, 5.4513), bandit=(-0.8164, 2.9531)),
+    "llama31-instruct-8b": dict(model="meta-llama/Llama-3.1-8B-Instruct", c=2.0, end_token="<|eot_id|>", episodes=1,
+                                rm="yyqoni/meta-llama-3.1-instruct-8b-{}-rm-700k", segment=(0.8345, 0.4780, 0.8798, 3.7358),
+                                token=(1.6268, 0.6254, 0.6419, 4.9217), bandit=(-0.8281, 2.9375)),
+}
+PAPER_RM = dict(dataset="hendrydong/preference_700K", lr=1e-6, epochs=1, batch_size=128, grad_accum=16, max_len=2048,
+                max_prompt_len=1728, bf16=True, gradient_checkpointing=True, eval_size=1000, norm_samples=30000)
+PAPER_PPO = dict(dataset="argilla/ultrafeedback-binarized-preferences-cleaned", lr=5e-7, critic_lr=9e-6, batch_size=1024,
+                 mini_batch_size=128, grad_accum=16, ppo_epochs=1, max_prompt_len=1024, max_new_tokens=1024, max_len=2048,
+                 beta=0.01, missing_eos_penalty=0.0, temperature=1.0, top_p=1.0, bf16=True, gradient_checkpointing=True)
+
+
+def preset_defaults(name, command):
+    """Flag defaults for `command` under preset `name`."""
+    if name not in PAPER_MODELS:
+        fail(f"unknown --preset {name!r}; choose from {', '.join(PAPER_MODELS)}")
+    m = PAPER_MODELS[name]
+    common = {"model": m["model"], "end_token": m["end_token"]}
+    if command == "train-rm":
+        return {**PAPER_RM, **common, "entropy_threshold": m["c"], "output_dir": f"runs/{name}-segment-rm"}
+    if command == "ppo":
+        return {**PAPER_PPO, **common, "episodes": m["episodes"], "reward_model": m["rm"].format("segment"),
+                "output_dir": f"runs/{name}-segment-ppo"}
+    return common
+
+
+def released_rm_settings(path):
+    """Settings of the authors' released reward models (they ship without our settings file)."""
+    for m in PAPER_MODELS.values():
+        for kind, c in (("segment", m["c"]), ("token", 0.0), ("bandit", float("inf"))):
+            if path == m["rm"].format(kind):
+                norm = {} if kind == "bandit" else {"normalizer": list(m[kind])}
+                return {"entropy_threshold": c, "reference_model": m["model"], "end_token": m["end_token"],
+                        "mean": m["bandit"][0], "std": m["bandit"][1], **norm}
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,6 +458,19 @@ def log_metrics(args, accelerator, row):
             f.write(json.dumps(row) + "\n")
 
 
+def trainable(model, args, kind):
+    """Gradient checkpointing and LoRA adapters (peft) for a model that trains, when asked for. LoRA on a
+    value model also trains its scalar head (peft's SEQ_CLS task keeps `score` trainable)."""
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=args.lora_targets,
+                                                 task_type="CAUSAL_LM" if kind == "causal" else "SEQ_CLS"))
+    return model
+
+
 def make_optimizer(model, args, total_steps):
     from transformers import get_scheduler
 
@@ -422,7 +485,9 @@ def save_model(accelerator, model, tokenizer, output_dir):
     """save_pretrained output: loads with the standard Auto classes."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(output_dir)
+        model = accelerator.unwrap_model(model)
+        model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model  # LoRA: plain weights
+        model.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
 
 
@@ -613,7 +678,7 @@ def train_rm(args):
     micro = args.batch_size // args.grad_accum
     train_loader = torch.utils.data.DataLoader(split["train"], batch_size=micro, shuffle=True, collate_fn=collate)
     eval_loader = torch.utils.data.DataLoader(split["test"], batch_size=micro, collate_fn=collate)
-    model = load_model(model_path, "value")
+    model = trainable(load_model(model_path, "value", args.bf16 and args.lora_rank > 0), args, "value")
     optimizer, scheduler = make_optimizer(model, args, args.epochs * math.ceil(len(train_loader) / args.grad_accum))
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, eval_loader, scheduler)
     model.train()
@@ -630,7 +695,7 @@ def train_rm(args):
             bar.update()
             if bar.n % 20 == 0:  # a host sync only now and then
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-        metrics = {"epoch": epoch + 1, "rm/loss": accelerator.reduce(loss.detach(), "mean").item(),
+        metrics = {"epoch": epoch + 1, "processes": accelerator.num_processes, "rm/loss": accelerator.reduce(loss.detach(), "mean").item(),
                    **evaluate_rm(model, eval_loader, threshold, accelerator)}
         log_metrics(args, accelerator, metrics)
         bar.write(json.dumps(metrics)) if accelerator.is_main_process else None
@@ -656,6 +721,8 @@ def check_lengths(args):
 
 def load_rm_settings(path):
     file = os.path.join(path, SETTINGS_FILE)
+    if not os.path.exists(file) and released_rm_settings(path):
+        return released_rm_settings(path)
     if not os.path.exists(file):
         fail(f"reward model {path!r} has no {SETTINGS_FILE} (segmentation settings); train it with train-rm or use --preset")
     with open(file) as f:
@@ -803,6 +870,7 @@ class PPOArgs(Common):
     interpolation: str = field(default="even", metadata={"help": "within-segment split: even (paper) | last | repeat"})
     location_norm: bool = field(default=True, metadata={"help": "location-aware normalization (--no-location-norm: raw rewards)"})
     steps: int = field(default=120, metadata={"help": "PPO iterations (rollout batch + update)"})
+    episodes: float = field(default=0.0, metadata={"help": "if > 0, sets --steps to this many passes over the prompts (paper: 2 Phi-3, 1 Llama)"})
     batch_size: int = field(default=64, metadata={"help": "rollout batch: prompts per iteration (global)"})
     mini_batch_size: int = field(default=16, metadata={"help": "train batch: rollouts per optimizer step (global)"})
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
@@ -901,26 +969,26 @@ def dense_rewards(rm_values, entropy, mask, stop, stopped, settings, args):
 
 
 @torch.no_grad()
-def score_responses(ref, rm, seq, attn, response, mask, stop, stopped, settings, args):
+def score_responses(ref_logits, rm, seq, attn, response, mask, stop, stopped, settings, args):
     """One reference forward gives the KL log-probs and the entropies that segment the responses
     (PAPER §1); one reward-model forward gives the segment rewards. Returns (B, R) reference
     log-probs and dense rewards, the segment ends, and the raw (B,) RM score."""
     P = seq.shape[1] - response.shape[1]
-    ref_logits = forward(ref, seq, attn).logits
-    ref_logprobs = logprobs_of(ref_logits[:, P - 1:-1], response, args.temperature)
-    entropy = token_entropy(ref_logits[:, P:])
+    logits = ref_logits(seq, attn)
+    ref_logprobs = logprobs_of(logits[:, P - 1:-1], response, args.temperature)
+    entropy = token_entropy(logits[:, P:])
     dense, ends, score = dense_rewards(token_values(rm, seq, attn)[:, P:], entropy, mask, stop, stopped, settings, args)
     return ref_logprobs, dense, ends, score
 
 
 @torch.no_grad()
-def rollout(policy, ref, critic, rm, prompt_ids, prompt_mask, settings, args, stop_ids, pad_id):
+def rollout(policy, ref_logits, critic, rm, prompt_ids, prompt_mask, settings, args, stop_ids, pad_id):
     """One rollout batch: responses, old log-probs, values, rewards, advantages and returns, all (B, R)."""
     seq, attn, response, mask, stop, stopped = generate(policy, prompt_ids, prompt_mask, args, stop_ids, pad_id)
     P = prompt_ids.shape[1]
     old_logprobs = logprobs_of(forward(policy, seq, attn).logits[:, P - 1:-1], response, args.temperature)
     values = token_values(critic, seq, attn)[:, P - 1:-1]
-    ref_logprobs, dense, ends, score = score_responses(ref, rm, seq, attn, response, mask, stop, stopped, settings, args)
+    ref_logprobs, dense, ends, score = score_responses(ref_logits, rm, seq, attn, response, mask, stop, stopped, settings, args)
     kl = (old_logprobs - ref_logprobs) * mask
     rewards = dense.clamp(-10, 10) - args.beta * kl
     advantages, returns = gae(rewards, values * mask, mask, args.gamma, args.lam)
@@ -952,14 +1020,14 @@ def ppo_update(policy, critic, opt_p, opt_c, batch, args, accelerator, P):
 
 
 @torch.no_grad()
-def evaluate_policy(policy, rm, ref, loader, settings, args, stop_ids, tokenizer, accelerator):
+def evaluate_policy(policy, rm, ref_logits, loader, settings, args, stop_ids, tokenizer, accelerator):
     """Mean RM score, exact toy score (toy task only) and flawed rate of samples on held-out prompts."""
     torch.manual_seed(args.seed + 1)  # the same sampling noise before and after training
     scores, toy, texts = [], [], []
     for batch in loader:
         seq, attn, response, mask, stop, stopped = generate(policy, batch["input_ids"], batch["attention_mask"], args,
                                                              stop_ids, tokenizer.pad_token_id)
-        score = score_responses(ref, rm, seq, attn, response, mask, stop, stopped, settings, args)[3]
+        score = score_responses(ref_logits, rm, seq, attn, response, mask, stop, stopped, settings, args)[3]
         scores.append(accelerator.gather_for_metrics(score))
         texts += decode_responses(tokenizer, response, mask, stop)
         toy += [toy_score(p, t) for p, t in zip(batch["prompt_text"], texts[-len(response):])]
@@ -1016,23 +1084,32 @@ def ppo(args):
     if len(ds) <= args.eval_prompts + args.batch_size:
         fail(f"{len(ds)} prompts: need more than --eval-prompts ({args.eval_prompts}) + --batch-size ({args.batch_size})")
     train_ds, eval_ds = ds.select(range(len(ds) - args.eval_prompts)), ds.select(range(len(ds) - args.eval_prompts, len(ds)))
+    if args.episodes > 0:
+        args.steps = max(1, int(args.episodes * len(train_ds)) // args.batch_size)
     collate = lambda rows: {**tokenizer.pad({"input_ids": [r["input_ids"] for r in rows]}, return_tensors="pt"),
                             "prompt_text": [r["prompt_text"] for r in rows]}
     loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate)
     eval_loader = torch.utils.data.DataLoader(eval_ds, batch_size=args.batch_size, collate_fn=collate)
 
     # Models: actor = SFT policy; reference = frozen SFT policy; critic = SFT backbone + zero head; RM.
-    policy, ref, critic, rm = load_model(model_path), load_model(model_path).eval(), load_model(model_path, "value"), load_model(rm_path, "value").eval()
+    frozen_bf16 = args.bf16 and args.lora_rank > 0  # with LoRA the base weights never train: keep them in bf16
+    policy, critic = load_model(model_path, bf16=frozen_bf16), load_model(model_path, "value", frozen_bf16)
     torch.nn.init.zeros_(critic.score.weight)  # Implementation detail: a fresh head starts at 0, not at noise
-    for frozen in (ref, rm):
-        frozen.requires_grad_(False)
+    policy, critic = trainable(policy, args, "causal"), trainable(critic, args, "value")
+    rm = load_model(rm_path, "value", args.bf16).eval().requires_grad_(False).to(accelerator.device)
+    if args.lora_rank:  # the reference is the policy with its adapters off: no second copy of the weights
+        def ref_logits(seq, attn):
+            with unwrap(policy).disable_adapter():
+                return forward(policy, seq, attn).logits
+    else:
+        ref = load_model(model_path, bf16=args.bf16).eval().requires_grad_(False).to(accelerator.device)
+        ref_logits = lambda seq, attn: forward(ref, seq, attn).logits
     eos = policy.generation_config.eos_token_id  # an id, a list of ids (Phi-3 has several), or None
     stop_ids = sorted({end_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])})
     opt_p, sched_p = make_optimizer(policy, args, args.steps)
     opt_c, sched_c = make_optimizer(critic, dataclasses.replace(args, lr=args.critic_lr), args.steps)
     policy, critic, opt_p, opt_c, loader, eval_loader = accelerator.prepare(policy, critic, opt_p, opt_c, loader, eval_loader)
-    ref, rm = ref.to(accelerator.device), rm.to(accelerator.device)
-    before, _ = evaluate_policy(policy, rm, ref, eval_loader, settings, args, stop_ids, tokenizer, accelerator)
+    before, _ = evaluate_policy(policy, rm, ref_logits, eval_loader, settings, args, stop_ids, tokenizer, accelerator)
 
     bar = tqdm(range(args.steps), desc="ppo", disable=not accelerator.is_local_main_process)
     batches = iter(())
@@ -1043,7 +1120,7 @@ def ppo(args):
             batches = iter(loader)
             batch = next(batches)
         policy.eval(), critic.eval()
-        data = rollout(policy, ref, critic, rm, batch["input_ids"], batch["attention_mask"], settings, args, stop_ids, tokenizer.pad_token_id)
+        data = rollout(policy, ref_logits, critic, rm, batch["input_ids"], batch["attention_mask"], settings, args, stop_ids, tokenizer.pad_token_id)
         policy.train(), critic.train()
         P, n, mb = batch["input_ids"].shape[1], len(data["seq"]), args.mini_batch_size // accelerator.num_processes // args.grad_accum
         stats = []
@@ -1067,7 +1144,7 @@ def ppo(args):
         if accelerator.is_main_process and (step + 1) % max(1, args.steps // 4) == 0:
             bar.write(sample_table(tokenizer, data, 0))
 
-    after, texts = evaluate_policy(policy, rm, ref, eval_loader, settings, args, stop_ids, tokenizer, accelerator)
+    after, texts = evaluate_policy(policy, rm, ref_logits, eval_loader, settings, args, stop_ids, tokenizer, accelerator)
     save_model(accelerator, policy, tokenizer, args.output_dir)
     result = {"reward_before": round(before["reward"], 4), "reward_after": round(after["reward"], 4)}
     if not args.dataset:
@@ -1167,15 +1244,22 @@ def add_dataclass_args(parser, cls):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="segment_rlhf.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    subparsers = {name: sub.add_parser(name) for name in COMMANDS}
     for name, (_, cls) in COMMANDS.items():
-        add_dataclass_args(sub.add_parser(name), cls)
+        add_dataclass_args(subparsers[name], cls)
     ns = parser.parse_args(argv)
+    if getattr(ns, "preset", ""):  # a preset changes the defaults; flags given explicitly still win
+        subparsers[ns.command].set_defaults(**preset_defaults(ns.preset, ns.command))
+        ns = parser.parse_args(argv)
     cls = COMMANDS[ns.command][1]
     return ns.command, cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
 
 def main(argv=None):
     command, args = parse_args(argv)
+    if getattr(args, "dry_run", False):
+        print(json.dumps({"command": command, **dataclasses.asdict(args)}, indent=1))
+        return dataclasses.asdict(args)
     result = COMMANDS[command][0](args)
     print(json.dumps(result))
     return result

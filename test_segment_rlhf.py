@@ -276,3 +276,66 @@ def test_bad_input_gets_one_clear_line(toy, tmp_path):
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
             S.main(argv)
+
+
+# --- paper presets -------------------------------------------------------------------------------------
+
+
+def test_preset_fills_paper_values_and_flags_override(capsys):
+    args = S.main(["train-rm", "--preset", "phi3-mini", "--lr", "2e-6", "--dry-run"])
+    assert args["model"] == "microsoft/Phi-3-mini-4k-instruct" and args["entropy_threshold"] == 1.75
+    assert args["dataset"] == "hendrydong/preference_700K" and args["max_len"] == 2048 and args["max_prompt_len"] == 1728
+    assert args["lr"] == 2e-6 and args["batch_size"] == 128  # explicit flag wins, the rest is the paper's
+    ppo = S.main(["ppo", "--preset", "llama3-sft-8b", "--dry-run"])
+    assert ppo["reward_model"] == "yyqoni/rlhflow-llama-3-sft-8b-v2-segment-rm-700k" and ppo["beta"] == 0.01
+    assert ppo["critic_lr"] == 9e-6 and ppo["episodes"] == 1 and ppo["end_token"] == "<|eot_id|>"
+    with pytest.raises(SystemExit, match="unknown --preset"):
+        S.main(["ppo", "--preset", "gpt5", "--dry-run"])
+
+
+def test_released_reward_models_get_the_authors_settings():
+    seg = S.load_rm_settings("yyqoni/Phi-3-mini-4k-instruct-segment-rm-700k")
+    assert seg["entropy_threshold"] == 1.75 and seg["normalizer"] == [0.7668, 0.2569, 0.4705, 2.8339]
+    token = S.load_rm_settings("yyqoni/meta-llama-3.1-instruct-8b-token-rm-700k")
+    assert token["entropy_threshold"] == 0.0 and token["normalizer"] == [1.6268, 0.6254, 0.6419, 4.9217]
+    bandit = S.load_rm_settings("yyqoni/rlhflow-llama-3-sft-8b-v2-bandit-rm-700k")
+    assert math.isinf(bandit["entropy_threshold"]) and (bandit["mean"], bandit["std"]) == (-0.8164, 2.9531)
+
+
+# --- LoRA (peft): adapters on the trained models, the reference is the policy with adapters off -------------
+
+
+def test_lora_reward_model_and_ppo(toy):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    root = toy["root"]
+    rm = S.main(["train-rm", "--model", toy["sft"], "--lora-rank", "16", "--lora-alpha", "32", "--lr", "2e-3", "--epochs", "2",
+                 "--output-dir", str(root / "rm-lora")])
+    assert rm["eval_accuracy"] > 0.7  # chance is 0.5
+    AutoModelForSequenceClassification.from_pretrained(rm["output_dir"])  # adapters merged into plain weights
+    out = S.main(["ppo", "--reward-model", rm["output_dir"], "--lora-rank", "8", "--steps", "2", "--batch-size", "16",
+                  "--mini-batch-size", "8", "--eval-prompts", "16", "--output-dir", str(root / "ppo-lora")])
+    rows = [json.loads(line) for line in open(root / "ppo-lora" / "metrics.jsonl")]
+    assert abs(rows[0]["ppo/kl"]) < 1e-4  # before any update, policy == reference (adapters start at zero)
+    assert math.isfinite(out["reward_after"])
+    AutoModelForCausalLM.from_pretrained(out["output_dir"])
+
+
+# --- several processes (DDP over gloo on CPU, through accelerate) ------------------------------------
+
+
+def test_two_processes_match_one_with_the_same_global_batch(toy):
+    import subprocess
+    import sys
+
+    def run(n, out):
+        launch = ([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(n), "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no"] if n > 1 else [sys.executable])
+        cmd = launch + [S.__file__, "train-rm", "--model", toy["sft"], "--epochs", "1", "--output-dir", str(out)]
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return json.loads(open(out / "metrics.jsonl").readline())
+
+    one, two = run(1, toy["root"] / "ddp1"), run(2, toy["root"] / "ddp2")
+    assert (one["processes"], two["processes"]) == (1, 2)
+    for key in ("rm/loss", "rm/accuracy", "rm/chosen_score", "rm/rejected_score", "segment/per_response"):
+        assert two[key] == pytest.approx(one[key], rel=1e-3, abs=1e-3), key
