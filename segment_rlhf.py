@@ -160,7 +160,7 @@ CATEGORIES = {
     "vegetables": ["carrot", "onion", "leek", "pea", "bean", "corn", "kale", "beet"],
 }
 TOY_COUNTS = (2, 3, 4, 5)
-TOY_FLAWS = ("wrong", "duplicate", "count")  # each decided inside one segment
+TOY_FLAWS = ("wrong", "duplicate", "count", "garbled")  # each decided inside one segment
 TOY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -175,7 +175,8 @@ def toy_prompt(rng):
 def toy_response(rng, n, category, flaw=None):
     """A correct answer lists n distinct items of the category in alphabetical order (so a 1M model
     avoids repeats by looking at the previous item only); a flawed one has a 'wrong' item (another
-    category's), a 'duplicate' item, or a 'count' off by one."""
+    category's), a 'duplicate' item, a 'count' off by one, or a 'garbled' item (random letters, so the
+    reward model has seen text that is no item at all)."""
     k = n + (rng.choice((-1, 1)) if flaw == "count" else 0)
     items = sorted(rng.sample(CATEGORIES[category], k))
     if flaw == "wrong":
@@ -184,6 +185,8 @@ def toy_response(rng, n, category, flaw=None):
     elif flaw == "duplicate":
         i = rng.randrange(1, n)
         items[i] = items[i - 1]
+    elif flaw == "garbled":
+        items[rng.randrange(n)] = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 7)))
     return f"Here are {n} {category}: {', '.join(items)}."
 
 
@@ -429,6 +432,7 @@ def make_accelerator(args):
     if args.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         fail("--bf16: this GPU has no bf16 support; drop --bf16")
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", gradient_accumulation_steps=args.grad_accum,
+                              cpu=not torch.cuda.is_available(),  # lets torchrun on CPUs run DDP over gloo
                               dataloader_config=DataLoaderConfiguration(split_batches=True))  # --batch-size is global
     if args.batch_size % (args.grad_accum * accelerator.num_processes):
         fail(f"--batch-size {args.batch_size} must be a multiple of --grad-accum x processes "
@@ -521,7 +525,8 @@ def sft(args):
     collate = lambda rows: {"input_ids": pad_right([r["input_ids"] for r in rows], tokenizer.pad_token_id),
                             "labels": pad_right([r["labels"] for r in rows], -100),
                             "attention_mask": pad_right([[1] * len(r["input_ids"]) for r in rows], 0)}
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size // args.grad_accum, shuffle=True, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size // args.grad_accum, shuffle=True, collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(args.seed))
     total = args.epochs * math.ceil(len(loader) / args.grad_accum)
     optimizer, scheduler = make_optimizer(model, args, total)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
@@ -676,7 +681,8 @@ def train_rm(args):
     split = ds.train_test_split(test_size=args.eval_size, seed=args.seed)
     collate = pair_collate(tokenizer.pad_token_id, bandit)
     micro = args.batch_size // args.grad_accum
-    train_loader = torch.utils.data.DataLoader(split["train"], batch_size=micro, shuffle=True, collate_fn=collate)
+    train_loader = torch.utils.data.DataLoader(split["train"], batch_size=micro, shuffle=True, collate_fn=collate,
+                                               generator=torch.Generator().manual_seed(args.seed))
     eval_loader = torch.utils.data.DataLoader(split["test"], batch_size=micro, collate_fn=collate)
     model = trainable(load_model(model_path, "value", args.bf16 and args.lora_rank > 0), args, "value")
     optimizer, scheduler = make_optimizer(model, args, args.epochs * math.ceil(len(train_loader) / args.grad_accum))
@@ -769,11 +775,14 @@ def fit_location_normalizer(positions, rewards):
     return a_mu, a_sigma, b_mu, b_sigma
 
 
-def normalize_segment_rewards(values, ends, params, min_sigma=1e-3):
-    """(B, T): (v - mu(p)) / sigma(p) at segment ends, 0 elsewhere."""
+def normalize_segment_rewards(values, ends, params, min_position=0.0, min_sigma=1e-3):
+    """(B, T): (v - mu(p)) / sigma(p) at segment ends, 0 elsewhere. Positions below `min_position` (the
+    smallest p the normalizer was fitted on) use it instead: the fitted lines do not extrapolate."""
     a_mu, a_sigma, b_mu, b_sigma = params
-    log_p = segment_positions(ends).clamp(min=1e-12).log()
-    sigma = (a_sigma * log_p + b_sigma).clamp(min=min_sigma)  # guard: a fitted line can cross zero
+    log_p = segment_positions(ends).clamp(min=max(min_position, 1e-12)).log()
+    # Implementation detail: a fitted sigma line can cross zero; without the two guards a response cut
+    # into many more segments than seen in fitting gets rewards divided by ~0 (seen: a toy policy hacked it).
+    sigma = (a_sigma * log_p + b_sigma).clamp(min=min_sigma)
     return torch.where(ends.bool(), (values - (a_mu * log_p + b_mu)) / sigma, torch.zeros_like(values))
 
 
@@ -794,7 +803,7 @@ def collect_segment_rewards(model, loader, threshold, accelerator):
 
 def normalizer_settings(positions, rewards, scores):
     """What PPO needs to normalize: the location-aware fit, and the scalar mean / std (bandit)."""
-    return {"normalizer": list(fit_location_normalizer(positions, rewards)),
+    return {"normalizer": list(fit_location_normalizer(positions, rewards)), "min_position": positions.min().item(),
             "mean": scores.mean().item(), "std": scores.std().item(), "norm_samples": len(scores)}
 
 
@@ -874,7 +883,7 @@ class PPOArgs(Common):
     batch_size: int = field(default=64, metadata={"help": "rollout batch: prompts per iteration (global)"})
     mini_batch_size: int = field(default=16, metadata={"help": "train batch: rollouts per optimizer step (global)"})
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
-    lr: float = field(default=1e-4, metadata={"help": "actor learning rate"})
+    lr: float = field(default=3e-5, metadata={"help": "actor learning rate"})
     critic_lr: float = field(default=1e-4, metadata={"help": "critic learning rate"})
     beta: float = field(default=0.1, metadata={"help": "KL penalty coefficient, fixed (paper: 0.01; 0.1 keeps the toy policy from lengthening lists)"})
     gamma: float = field(default=1.0, metadata={"help": "discount"})
@@ -886,6 +895,7 @@ class PPOArgs(Common):
     max_new_tokens: int = field(default=24, metadata={"help": "generation length limit"})
     missing_eos_penalty: float = field(default=1.0, metadata={"help": "subtracted from the last reward of completions that never stop (paper: 0)"})
     eval_prompts: int = field(default=128, metadata={"help": "held-out prompts scored before and after training"})
+    rollout_chunk: int = field(default=64, metadata={"help": "prompts generated and scored at once per process (memory knob)"})
 
 
 def gae(rewards, values, mask, gamma=1.0, lam=0.95):
@@ -961,7 +971,8 @@ def dense_rewards(rm_values, entropy, mask, stop, stopped, settings, args):
     else:
         content = mask & ~stop  # the stop token is not content
         ends = segment_ends(entropy, content, 0.0 if args.reward_mode == "token" else settings["entropy_threshold"])
-        seg = normalize_segment_rewards(rm_values, ends, settings["normalizer"]) if args.location_norm else rm_values
+        seg = (normalize_segment_rewards(rm_values, ends, settings["normalizer"], settings.get("min_position", 0.0))
+               if args.location_norm else rm_values)
         dense = interpolate_rewards(seg, ends, content, args.interpolation)
     last = mask & (mask.long().cumsum(-1) == mask.sum(-1, keepdim=True))
     dense = dense - args.missing_eos_penalty * (last & ~stopped[:, None])
@@ -993,7 +1004,7 @@ def rollout(policy, ref_logits, critic, rm, prompt_ids, prompt_mask, settings, a
     rewards = dense.clamp(-10, 10) - args.beta * kl
     advantages, returns = gae(rewards, values * mask, mask, args.gamma, args.lam)
     return {"seq": seq, "attn": attn, "response": response, "mask": mask.float(), "old_logprobs": old_logprobs,
-            "values": values * mask, "advantages": whiten(advantages, mask.float()), "returns": returns,
+            "values": values * mask, "advantages": advantages, "returns": returns,
             "score": score, "kl": kl.sum(-1), "ends": ends, "dense": dense, "stop": stop, "stopped": stopped.float()}
 
 
@@ -1036,6 +1047,14 @@ def evaluate_policy(policy, rm, ref_logits, loader, settings, args, stop_ids, to
         toy = torch.tensor(accelerator.gather_for_metrics(toy), dtype=torch.float)
         out.update(toy_score=toy.mean().item(), flawed_rate=(toy < 1).float().mean().item())
     return out, texts
+
+
+def cat_padded(tensors):
+    """Concatenate rollout chunks along the batch, right-padding (B, T) tensors to the longest T with 0."""
+    if tensors[0].dim() == 1:
+        return torch.cat(tensors)
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([F.pad(t, (0, width - t.shape[1])) for t in tensors])
 
 
 def decode_responses(tokenizer, response, mask, stop):
@@ -1088,8 +1107,9 @@ def ppo(args):
         args.steps = max(1, int(args.episodes * len(train_ds)) // args.batch_size)
     collate = lambda rows: {**tokenizer.pad({"input_ids": [r["input_ids"] for r in rows]}, return_tensors="pt"),
                             "prompt_text": [r["prompt_text"] for r in rows]}
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate)
-    eval_loader = torch.utils.data.DataLoader(eval_ds, batch_size=args.batch_size, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(args.seed))
+    eval_loader = torch.utils.data.DataLoader(eval_ds, batch_size=args.rollout_chunk, collate_fn=collate)
 
     # Models: actor = SFT policy; reference = frozen SFT policy; critic = SFT backbone + zero head; RM.
     frozen_bf16 = args.bf16 and args.lora_rank > 0  # with LoRA the base weights never train: keep them in bf16
@@ -1120,7 +1140,10 @@ def ppo(args):
             batches = iter(loader)
             batch = next(batches)
         policy.eval(), critic.eval()
-        data = rollout(policy, ref_logits, critic, rm, batch["input_ids"], batch["attention_mask"], settings, args, stop_ids, tokenizer.pad_token_id)
+        chunks = [rollout(policy, ref_logits, critic, rm, ids, mask, settings, args, stop_ids, tokenizer.pad_token_id)
+                  for ids, mask in zip(batch["input_ids"].split(args.rollout_chunk), batch["attention_mask"].split(args.rollout_chunk))]
+        data = {k: cat_padded([c[k] for c in chunks]) for k in chunks[0]}
+        data["advantages"] = whiten(data["advantages"], data["mask"])
         policy.train(), critic.train()
         P, n, mb = batch["input_ids"].shape[1], len(data["seq"]), args.mini_batch_size // accelerator.num_processes // args.grad_accum
         stats = []
