@@ -24,6 +24,7 @@ import os
 import random
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -690,6 +691,7 @@ def train_rm(args):
     model.train()
     bar = tqdm(total=args.epochs * len(train_loader), desc="train-rm", disable=not accelerator.is_local_main_process)
     for epoch in range(args.epochs):
+        start = time.perf_counter()
         for batch in train_loader:
             with accelerator.accumulate(model):
                 _, _, scores = rm_forward(model, batch, threshold)
@@ -702,7 +704,7 @@ def train_rm(args):
             if bar.n % 20 == 0:  # a host sync only now and then
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         metrics = {"epoch": epoch + 1, "processes": accelerator.num_processes, "rm/loss": accelerator.reduce(loss.detach(), "mean").item(),
-                   **evaluate_rm(model, eval_loader, threshold, accelerator)}
+                   "time/epoch_s": time.perf_counter() - start, **evaluate_rm(model, eval_loader, threshold, accelerator)}
         log_metrics(args, accelerator, metrics)
         bar.write(json.dumps(metrics)) if accelerator.is_main_process else None
     # PAPER §3: fit the location-aware normalizer on (a sample of) the training responses.
@@ -1134,6 +1136,7 @@ def ppo(args):
     bar = tqdm(range(args.steps), desc="ppo", disable=not accelerator.is_local_main_process)
     batches = iter(())
     for step in bar:
+        start = time.perf_counter()
         try:
             batch = next(batches)
         except StopIteration:
@@ -1162,7 +1165,7 @@ def ppo(args):
                             "ppo/stopped", "losses/policy", "losses/value", "ppo/clipfrac", "ppo/entropy", "ppo/toy_score"], row))
         if args.dataset:
             del metrics["ppo/toy_score"]  # the exact checker exists for the toy task only
-        log_metrics(args, accelerator, {"step": step + 1, **metrics})
+        log_metrics(args, accelerator, {"step": step + 1, **metrics, "time/step_s": time.perf_counter() - start})
         bar.set_postfix(reward=f"{metrics['ppo/reward']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
         if accelerator.is_main_process and (step + 1) % max(1, args.steps // 4) == 0:
             bar.write(sample_table(tokenizer, data, 0))
