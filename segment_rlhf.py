@@ -23,12 +23,14 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_seed
 
 SETTINGS_FILE = "segment_rlhf.json"  # segmentation settings + normalizer, saved beside a reward model
 
@@ -63,6 +65,8 @@ class Common:
     lora_targets: str = field(default="all-linear", metadata={"help": "modules that get adapters (peft target_modules)"})
     preset: str = field(default="", metadata={"help": "the paper's settings: phi3-mini | llama3-sft-8b | llama31-instruct-8b; flags override"})
     dry_run: bool = field(default=False, metadata={"help": "print the resolved configuration and exit"})
+    save_every: int = field(default=0, metadata={"help": "train-rm, ppo: save a resumable checkpoint every N optimizer steps (ppo: iterations); 0: never"})
+    resume: bool = field(default=False, metadata={"help": "train-rm, ppo: continue from the latest checkpoint in --output-dir"})
 
 
 @dataclass
@@ -270,13 +274,20 @@ def load_rows(name, split="train"):
     if ext in ("json", "jsonl", "parquet"):
         if not os.path.exists(name):
             fail(f"dataset file {name} does not exist")
-        return datasets.load_dataset("parquet" if ext == "parquet" else "json", data_files=name, split="train")
-    if os.path.isdir(name) or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         try:
-            return datasets.load_dataset(name, split=split)
+            ds = datasets.load_dataset("parquet" if ext == "parquet" else "json", data_files=name, split="train")
+        except (datasets.exceptions.DatasetGenerationError, StopIteration):  # unparsable, or no rows at all
+            fail(f"could not read {name}: it must hold {ext} records, one per example")
+    elif os.path.isdir(name) or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        try:
+            ds = datasets.load_dataset(name, split=split)
         except (FileNotFoundError, ConnectionError, OSError, ValueError) as e:
             fail(f"could not load dataset {name!r} ({type(e).__name__}); pass a hub id, a directory or a .json/.jsonl/.parquet file")
-    fail(f"dataset {name!r} is neither a hub id (org/name) nor a .json/.jsonl/.parquet file")
+    else:
+        fail(f"dataset {name!r} is neither a hub id (org/name) nor a .json/.jsonl/.parquet file")
+    if len(ds) == 0:
+        fail(f"dataset {name} has no rows")
+    return ds
 
 
 def split_conversation(row, key):
@@ -284,14 +295,14 @@ def split_conversation(row, key):
     conversational one (`key` is a message list whose last turn is the assistant's response)."""
     value = row[key]
     if isinstance(value, list):
-        if not value or value[-1].get("role") != "assistant":
+        if not value or not isinstance(value[-1], dict) or value[-1].get("role") != "assistant":
             fail(f"column {key!r}: a conversation must end with an assistant turn")
         messages, response = value[:-1], value[-1]["content"]
     else:
         prompt = row.get("prompt")
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         response = value
-    if not all(isinstance(m.get("content"), str) for m in messages) or not isinstance(response, str):
+    if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages) or not isinstance(response, str):
         fail(f"column {key!r}: message contents must be strings")
     return messages, response
 
@@ -372,7 +383,7 @@ def load_model(path, kind="causal", bf16=False):
 def forward(model, input_ids, attention_mask, **kwargs):
     """One forward with position ids from the attention mask, so left- and right-padded rows agree."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
 
 
 def token_values(model, input_ids, attention_mask):
@@ -428,13 +439,13 @@ def reference_entropy(ref_model, input_ids, attention_mask, batch_size=64):
 
 def make_accelerator(args):
     from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import set_seed
 
     if args.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         fail("--bf16: this GPU has no bf16 support; drop --bf16")
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", gradient_accumulation_steps=args.grad_accum,
                               cpu=not torch.cuda.is_available(),  # lets torchrun on CPUs run DDP over gloo
-                              dataloader_config=DataLoaderConfiguration(split_batches=True))  # --batch-size is global
+                              # --batch-size is global; the data order is a function of (seed, epoch), so a resumed run sees the same batches
+                              dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=args.seed))
     if args.batch_size % (args.grad_accum * accelerator.num_processes):
         fail(f"--batch-size {args.batch_size} must be a multiple of --grad-accum x processes "
              f"({args.grad_accum} x {accelerator.num_processes})")
@@ -443,8 +454,8 @@ def make_accelerator(args):
 
 
 def prepare_output_dir(args, command, accelerator):
-    """Refuse to mix two different runs in one directory unless --overwrite."""
-    saved = {k: v for k, v in dataclasses.asdict(args).items() if k != "overwrite"}
+    """Refuse to mix two different runs in one directory unless --overwrite (--resume needs the same run)."""
+    saved = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("overwrite", "resume", "save_every")}
     path = os.path.join(args.output_dir, "args.json")
     if os.path.exists(path) and not args.overwrite:
         with open(path) as f:
@@ -454,13 +465,65 @@ def prepare_output_dir(args, command, accelerator):
         os.makedirs(args.output_dir, exist_ok=True)
         with open(path, "w") as f:
             json.dump({"command": command, **saved}, f, indent=1)
-        open(os.path.join(args.output_dir, "metrics.jsonl"), "w").close()
+        if not args.resume:
+            open(os.path.join(args.output_dir, "metrics.jsonl"), "w").close()
 
 
 def log_metrics(args, accelerator, row):
     if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def latest_checkpoint(output_dir):
+    steps = [int(d.split("-")[1]) for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)] if os.path.isdir(output_dir) else []
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def save_checkpoint(accelerator, args, state):
+    """Models, optimizers, schedulers and RNG states (accelerate's save_state) plus `state` (step, data
+    position, ...), written to a temporary directory and then renamed: a crash never leaves half a checkpoint."""
+    path = os.path.join(args.output_dir, f"checkpoint-{state['step']}")
+    accelerator.save_state(path + ".tmp")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "metrics.jsonl")) as f:
+            state["metrics_rows"] = sum(1 for _ in f)
+        with open(os.path.join(path + ".tmp", "state.json"), "w") as f:
+            json.dump(state, f)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(path + ".tmp", path)
+        for old in os.listdir(args.output_dir):  # keep only the newest checkpoint
+            if re.fullmatch(r"checkpoint-\d+", old) and old != os.path.basename(path):
+                shutil.rmtree(os.path.join(args.output_dir, old))
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, args):
+    """--resume: restore the latest checkpoint and drop the metrics rows logged after it; None if there is none."""
+    path = latest_checkpoint(args.output_dir)
+    if path is None:
+        print(f"--resume: no checkpoint in {args.output_dir}, starting from the beginning", file=sys.stderr)
+        return None
+    accelerator.load_state(path)
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        metrics = os.path.join(args.output_dir, "metrics.jsonl")
+        with open(metrics) as f:
+            rows = f.readlines()[:state["metrics_rows"]]
+        with open(metrics, "w") as f:
+            f.writelines(rows)
+    print(f"resumed from {path}", file=sys.stderr)
+    return state
+
+
+def check_finite(accelerator, value, what, step, args):
+    """Stop before a non-finite loss or reward reaches the weights (one host sync per optimizer step)."""
+    if not torch.isfinite(accelerator.reduce(value.detach().float().sum(), "sum")):
+        fail(f"non-finite {what} at step {step}; last good checkpoint: "
+             f"{latest_checkpoint(args.output_dir) or 'none (pass --save-every N to keep some)'}")
 
 
 def trainable(model, args, kind):
@@ -473,6 +536,8 @@ def trainable(model, args, kind):
 
         model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=args.lora_targets,
                                                  task_type="CAUSAL_LM" if kind == "causal" else "SEQ_CLS"))
+        for p in model.parameters():  # bf16 base weights stay frozen; what trains (adapters, the head) trains in fp32
+            p.data = p.data.float() if p.requires_grad else p.data
     return model
 
 
@@ -488,12 +553,14 @@ def make_optimizer(model, args, total_steps):
 
 def save_model(accelerator, model, tokenizer, output_dir):
     """save_pretrained output: loads with the standard Auto classes."""
-    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # every process takes part: FSDP gathers its shards here
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model)
-        model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model  # LoRA: plain weights
-        model.save_pretrained(output_dir)
+        if hasattr(model, "merge_and_unload"):  # LoRA: merge the adapters into plain weights
+            model, state_dict = model.merge_and_unload(), None
+        model.save_pretrained(output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(output_dir)
+    accelerator.wait_for_everyone()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,6 +570,8 @@ def save_model(accelerator, model, tokenizer, output_dir):
 def sft(args):
     from tqdm.auto import tqdm
 
+    if args.save_every or args.resume:
+        fail("sft has no checkpoints (it is the toy's quick first stage); --save-every / --resume are for train-rm and ppo")
     args.output_dir = args.output_dir or TOY_SFT
     accelerator = make_accelerator(args)
     if args.model:
@@ -526,8 +595,7 @@ def sft(args):
     collate = lambda rows: {"input_ids": pad_right([r["input_ids"] for r in rows], tokenizer.pad_token_id),
                             "labels": pad_right([r["labels"] for r in rows], -100),
                             "attention_mask": pad_right([[1] * len(r["input_ids"]) for r in rows], 0)}
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size // args.grad_accum, shuffle=True, collate_fn=collate,
-                                         generator=torch.Generator().manual_seed(args.seed))
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size // args.grad_accum, shuffle=True, collate_fn=collate)
     total = args.epochs * math.ceil(len(loader) / args.grad_accum)
     optimizer, scheduler = make_optimizer(model, args, total)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
@@ -581,7 +649,7 @@ def prepare_pairs(ds, tokenizer, args, end_id):
         print(f"skipped pairs: {skipped}", file=sys.stderr)
     ds = ds.filter(lambda r: not r["skip"]).remove_columns("skip")
     if len(ds) == 0:
-        fail("no usable preference pairs left after filtering (see the skipped counts above)")
+        fail(f"no usable preference pairs left after filtering; skipped: {skipped}")
     return ds
 
 
@@ -642,68 +710,82 @@ def evaluate_rm(model, loader, threshold, accelerator):
             "segment/per_response": sums[3] / (2 * n), "segment/mean_length": sums[4] / max(sums[3], 1)}
 
 
-def rm_data(args, accelerator, model_path, tokenizer, threshold):
-    """Encoded pairs with cached reference entropies (not needed for the bandit), split train / eval."""
+def rm_pairs(args, tokenizer):
+    """The preference dataset (or the toy one), encoded and filtered."""
     import datasets
-    import hashlib
 
     end_id = end_token_id(tokenizer, args.end_token)
     ds = load_rows(args.dataset) if args.dataset else datasets.Dataset.from_list(toy_preference_rows(2200, args.seed))
-    ds = prepare_pairs(ds, tokenizer, args, end_id)
-    if not math.isinf(threshold):
-        # The cache key: the encoded data's fingerprint and the reference model (a retrained local one too).
-        stamp = os.path.getmtime(os.path.join(model_path, "config.json")) if os.path.isdir(model_path) else 0
-        key = json.dumps([ds._fingerprint, os.path.abspath(model_path) if os.path.isdir(model_path) else model_path, stamp])
-        cache = os.path.join(args.output_dir, f"entropy-{hashlib.sha1(key.encode()).hexdigest()[:16]}.arrow")
-        ref = load_model(model_path, "causal", args.bf16).to(accelerator.device).eval()
-        with accelerator.main_process_first():  # the main process computes, the others read its cache file
-            ds = ds.map(lambda rows: add_entropies_batch(rows, ref, tokenizer.pad_token_id, accelerator.device),
-                        batched=True, batch_size=64, cache_file_name=cache, new_fingerprint=os.path.basename(cache),
-                        load_from_cache_file=True, desc="reference entropies")
-        del ref
-    return ds
+    return prepare_pairs(ds, tokenizer, args, end_id)
+
+
+def add_entropies(ds, args, accelerator, model_path, tokenizer):
+    """Cached reference entropies for every pair, in --output-dir (the bandit needs none)."""
+    import hashlib
+
+    # The cache key: the encoded data's fingerprint and the reference model (a retrained local one too).
+    stamp = os.path.getmtime(os.path.join(model_path, "config.json")) if os.path.isdir(model_path) else 0
+    key = json.dumps([ds._fingerprint, os.path.abspath(model_path) if os.path.isdir(model_path) else model_path, stamp])
+    cache = os.path.join(args.output_dir, f"entropy-{hashlib.sha1(key.encode()).hexdigest()[:16]}.arrow")
+    ref = load_model(model_path, "causal", args.bf16).to(accelerator.device).eval()
+    with accelerator.main_process_first():  # the main process computes, the others read its cache file
+        return ds.map(lambda rows: add_entropies_batch(rows, ref, tokenizer.pad_token_id, accelerator.device),
+                      batched=True, batch_size=64, cache_file_name=cache, new_fingerprint=os.path.basename(cache),
+                      load_from_cache_file=True, desc="reference entropies")
 
 
 def train_rm(args):
     from tqdm.auto import tqdm
 
     args.output_dir = args.output_dir or TOY_RM
-    check_lengths(args)
-    if not args.entropy_threshold >= 0:
-        fail(f"--entropy-threshold must be >= 0 (0: token, inf: bandit), got {args.entropy_threshold}")
     accelerator = make_accelerator(args)
     model_path = args.model or toy_sft_model()
     tokenizer = load_tokenizer(model_path)
-    prepare_output_dir(args, "train-rm", accelerator)
     threshold, bandit = args.entropy_threshold, math.isinf(args.entropy_threshold)
-    ds = rm_data(args, accelerator, model_path, tokenizer, threshold)
+    ds = rm_pairs(args, tokenizer)
     if not 0 < args.eval_size < len(ds):
         fail(f"--eval-size {args.eval_size} must be between 1 and the {len(ds)} usable pairs - 1")
+    prepare_output_dir(args, "train-rm", accelerator)  # input checked: from here on, files are written
+    ds = ds if bandit else add_entropies(ds, args, accelerator, model_path, tokenizer)
     split = ds.train_test_split(test_size=args.eval_size, seed=args.seed)
     collate = pair_collate(tokenizer.pad_token_id, bandit)
     micro = args.batch_size // args.grad_accum
     train_loader = torch.utils.data.DataLoader(split["train"], batch_size=micro, shuffle=True, collate_fn=collate,
-                                               generator=torch.Generator().manual_seed(args.seed))
+                                               generator=torch.Generator())  # not the global RNG (see ppo)
     eval_loader = torch.utils.data.DataLoader(split["test"], batch_size=micro, collate_fn=collate)
+    set_seed(args.seed)  # the head's random init must not depend on what ran earlier in this process
     model = trainable(load_model(model_path, "value", args.bf16 and args.lora_rank > 0), args, "value")
     optimizer, scheduler = make_optimizer(model, args, args.epochs * math.ceil(len(train_loader) / args.grad_accum))
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, eval_loader, scheduler)
+    # Where training stands: optimizer steps, epoch, batches done in it, and the epoch's loss so far.
+    state = (load_checkpoint(accelerator, args) if args.resume else None) or {"step": 0, "epoch": 0, "batch": 0, "loss_sum": 0.0}
+    step = state["step"]
     model.train()
-    bar = tqdm(total=args.epochs * len(train_loader), desc="train-rm", disable=not accelerator.is_local_main_process)
-    for epoch in range(args.epochs):
-        start = time.perf_counter()
-        for batch in train_loader:
+    bar = tqdm(total=args.epochs * len(train_loader), initial=state["epoch"] * len(train_loader) + state["batch"],
+               desc="train-rm", disable=not accelerator.is_local_main_process)
+    for epoch in range(state["epoch"], args.epochs):
+        done = state["batch"] if epoch == state["epoch"] else 0
+        start, loss_sum = time.perf_counter(), torch.tensor(state["loss_sum"] if done else 0.0, device=accelerator.device)
+        train_loader.set_epoch(epoch)
+        for i, batch in enumerate(accelerator.skip_first_batches(train_loader, done) if done else train_loader, start=done + 1):
             with accelerator.accumulate(model):
                 _, _, scores = rm_forward(model, batch, threshold)
                 chosen, rejected = scores.chunk(2)
                 loss = -F.logsigmoid(chosen - rejected).mean()  # Bradley-Terry
+                loss_sum += loss.detach()
                 accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    check_finite(accelerator, loss_sum, "loss", step + 1, args)
                 accelerator.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step(), scheduler.step(), optimizer.zero_grad()
             bar.update()
+            step += accelerator.sync_gradients
+            if accelerator.sync_gradients and args.save_every and step % args.save_every == 0:
+                save_checkpoint(accelerator, args, {"step": step, "epoch": epoch, "batch": i, "loss_sum": loss_sum.item()})
             if bar.n % 20 == 0:  # a host sync only now and then
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-        metrics = {"epoch": epoch + 1, "processes": accelerator.num_processes, "rm/loss": accelerator.reduce(loss.detach(), "mean").item(),
+        metrics = {"epoch": epoch + 1, "step": step, "processes": accelerator.num_processes,
+                   "rm/loss": accelerator.reduce(loss_sum, "mean").item() / len(train_loader),
                    "time/epoch_s": time.perf_counter() - start, **evaluate_rm(model, eval_loader, threshold, accelerator)}
         log_metrics(args, accelerator, metrics)
         bar.write(json.dumps(metrics)) if accelerator.is_main_process else None
@@ -720,11 +802,6 @@ def train_rm(args):
     return {"eval_accuracy": round(metrics["rm/accuracy"], 4), "rm/loss": round(metrics["rm/loss"], 4),
             "segment/per_response": round(metrics["segment/per_response"], 2), "output_dir": args.output_dir,
             "entropy_threshold": threshold}
-
-
-def check_lengths(args):
-    if args.max_prompt_len >= args.max_len:
-        fail(f"--max-prompt-len ({args.max_prompt_len}) must be below --max-len ({args.max_len})")
 
 
 def load_rm_settings(path):
@@ -817,10 +894,11 @@ def fit_norm(args):
     ref_path = settings["reference_model"]
     tokenizer = load_tokenizer(args.reward_model)
     args.output_dir, args.end_token = args.reward_model, args.end_token or settings["end_token"]
-    ds = rm_data(args, accelerator, ref_path, tokenizer, threshold)
+    ds = rm_pairs(args, tokenizer)
+    ds = ds if math.isinf(threshold) else add_entropies(ds, args, accelerator, ref_path, tokenizer)
     ds = ds.select(range(min(args.norm_samples or len(ds), len(ds))))
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, collate_fn=pair_collate(tokenizer.pad_token_id, math.isinf(threshold)))
-    model, loader = accelerator.prepare(load_model(args.reward_model, "value", args.bf16), loader)
+    model, loader = load_model(args.reward_model, "value", args.bf16).to(accelerator.device), accelerator.prepare(loader)
     positions, rewards, scores = collect_segment_rewards(model, loader, threshold, accelerator)
     settings.update(normalizer_settings(positions, rewards, scores))
     if accelerator.is_main_process:
@@ -877,8 +955,8 @@ def interpolate_rewards(seg_rewards, ends, content_mask, mode="even"):
 @dataclass
 class PPOArgs(Common):
     reward_model: str = field(default="", metadata={"help": "reward model directory from train-rm; empty: the toy one"})
-    reward_mode: str = field(default="", metadata={"help": "segment | token | bandit (default: follows the reward model's threshold)"})
-    interpolation: str = field(default="even", metadata={"help": "within-segment split: even (paper) | last | repeat"})
+    reward_mode: str = field(default="", metadata={"help": "default: follows the reward model's threshold", "choices": ("segment", "token", "bandit")})
+    interpolation: str = field(default="even", metadata={"help": "within-segment split (paper: even)", "choices": ("even", "last", "repeat")})
     location_norm: bool = field(default=True, metadata={"help": "location-aware normalization (--no-location-norm: raw rewards)"})
     steps: int = field(default=120, metadata={"help": "PPO iterations (rollout batch + update)"})
     episodes: float = field(default=0.0, metadata={"help": "if > 0, sets --steps to this many passes over the prompts (paper: 2 Phi-3, 1 Llama)"})
@@ -989,7 +1067,7 @@ def score_responses(ref_logits, rm, seq, attn, response, mask, stop, stopped, se
     P = seq.shape[1] - response.shape[1]
     logits = ref_logits(seq, attn)
     ref_logprobs = logprobs_of(logits[:, P - 1:-1], response, args.temperature)
-    entropy = token_entropy(logits[:, P:])
+    entropy = token_entropy(logits[:, P:]) if args.reward_mode != "bandit" else torch.zeros_like(ref_logprobs)  # bandit: one segment
     dense, ends, score = dense_rewards(token_values(rm, seq, attn)[:, P:], entropy, mask, stop, stopped, settings, args)
     return ref_logprobs, dense, ends, score
 
@@ -1010,7 +1088,7 @@ def rollout(policy, ref_logits, critic, rm, prompt_ids, prompt_mask, settings, a
             "score": score, "kl": kl.sum(-1), "ends": ends, "dense": dense, "stop": stop, "stopped": stopped.float()}
 
 
-def ppo_update(policy, critic, opt_p, opt_c, batch, args, accelerator, P):
+def ppo_update(policy, critic, opt_p, opt_c, batch, args, accelerator, P, step):
     """Clipped policy loss and clipped value loss on one mini-batch (CleanRL's names)."""
     mask = batch["mask"]
     with accelerator.accumulate(policy, critic):
@@ -1023,6 +1101,7 @@ def ppo_update(policy, critic, opt_p, opt_c, batch, args, accelerator, P):
         new_values = token_values(critic, batch["seq"], batch["attn"])[:, P - 1:-1]
         v_clipped = batch["values"] + (new_values - batch["values"]).clamp(-args.value_clip, args.value_clip)
         v_loss = 0.5 * masked_mean(torch.max((new_values - batch["returns"]) ** 2, (v_clipped - batch["returns"]) ** 2), mask)
+        check_finite(accelerator, pg_loss + v_loss, "PPO loss", step, args)
         accelerator.backward(pg_loss + v_loss)  # disjoint parameters: one backward serves both models
         accelerator.clip_grad_norm_(policy.parameters(), 1.0), accelerator.clip_grad_norm_(critic.parameters(), 1.0)
         opt_p.step(), opt_c.step(), opt_p.zero_grad(), opt_c.zero_grad()
@@ -1068,7 +1147,6 @@ def ppo(args):
     import datasets
 
     args.output_dir = args.output_dir or TOY_PPO
-    check_lengths(args)
     rm_path = args.reward_model or (TOY_RM if not args.model else "") or fail("--reward-model is required with --model")
     if rm_path == TOY_RM and not os.path.exists(os.path.join(TOY_RM, SETTINGS_FILE)):
         print(f"building the toy reward model in {TOY_RM} ...", file=sys.stderr)
@@ -1091,7 +1169,6 @@ def ppo(args):
         fail(f"the reward model {rm_path} and the policy {model_path} use different tokenizers; they must share one")
     tokenizer.padding_side = "left"  # Implementation detail: batched generation needs left padding
     end_id = end_token_id(tokenizer, args.end_token or settings["end_token"])
-    prepare_output_dir(args, "ppo", accelerator)
 
     # Prompts: toy prompts, or a dataset's prompts; the last --eval-prompts rows are held out.
     ds = datasets.Dataset.from_list(toy_prompt_rows(20 * args.batch_size + args.eval_prompts, args.seed)) if not args.dataset else load_rows(args.dataset)
@@ -1109,9 +1186,12 @@ def ppo(args):
         args.steps = max(1, int(args.episodes * len(train_ds)) // args.batch_size)
     collate = lambda rows: {**tokenizer.pad({"input_ids": [r["input_ids"] for r in rows]}, return_tensors="pt"),
                             "prompt_text": [r["prompt_text"] for r in rows]}
+    # The loaders get their own generator: iterating one must not draw from the global RNG that sampling uses
+    # (or a resumed run would sample differently from an uninterrupted one). The order itself is set per epoch.
     loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
-                                         generator=torch.Generator().manual_seed(args.seed))
+                                         generator=torch.Generator())
     eval_loader = torch.utils.data.DataLoader(eval_ds, batch_size=args.rollout_chunk, collate_fn=collate)
+    prepare_output_dir(args, "ppo", accelerator)  # input checked: from here on, files are written
 
     # Models: actor = SFT policy; reference = frozen SFT policy; critic = SFT backbone + zero head; RM.
     frozen_bf16 = args.bf16 and args.lora_rank > 0  # with LoRA the base weights never train: keep them in bf16
@@ -1130,29 +1210,35 @@ def ppo(args):
     stop_ids = sorted({end_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])})
     opt_p, sched_p = make_optimizer(policy, args, args.steps)
     opt_c, sched_c = make_optimizer(critic, dataclasses.replace(args, lr=args.critic_lr), args.steps)
-    policy, critic, opt_p, opt_c, loader, eval_loader = accelerator.prepare(policy, critic, opt_p, opt_c, loader, eval_loader)
-    before, _ = evaluate_policy(policy, rm, ref_logits, eval_loader, settings, args, stop_ids, tokenizer, accelerator)
+    policy, opt_p = accelerator.prepare(policy, opt_p)  # one model per call: FSDP wraps models one at a time
+    critic, opt_c = accelerator.prepare(critic, opt_c)
+    loader, eval_loader = accelerator.prepare(loader, eval_loader)
+    accelerator.register_for_checkpointing(sched_p, sched_c)
+    state = load_checkpoint(accelerator, args) if args.resume else None
+    if state is None:
+        state = {"step": 0, "before": evaluate_policy(policy, rm, ref_logits, eval_loader, settings, args, stop_ids, tokenizer, accelerator)[0]}
+    before, metrics = state["before"], state.get("metrics", {})
 
-    bar = tqdm(range(args.steps), desc="ppo", disable=not accelerator.is_local_main_process)
-    batches = iter(())
+    bar = tqdm(range(state["step"], args.steps), desc="ppo", disable=not accelerator.is_local_main_process)
     for step in bar:
         start = time.perf_counter()
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            batch = next(batches)
+        epoch, i = divmod(step, len(loader))  # a pass over the prompts is an epoch of the loader
+        if i == 0 or step == state["step"]:
+            loader.set_epoch(epoch)
+            batches = iter(accelerator.skip_first_batches(loader, i) if i else loader)
+        batch = next(batches)
         policy.eval(), critic.eval()
         chunks = [rollout(policy, ref_logits, critic, rm, ids, mask, settings, args, stop_ids, tokenizer.pad_token_id)
                   for ids, mask in zip(batch["input_ids"].split(args.rollout_chunk), batch["attention_mask"].split(args.rollout_chunk))]
         data = {k: cat_padded([c[k] for c in chunks]) for k in chunks[0]}
+        check_finite(accelerator, data["dense"], "reward", step + 1, args)
         data["advantages"] = whiten(data["advantages"], data["mask"])
         policy.train(), critic.train()
         P, n, mb = batch["input_ids"].shape[1], len(data["seq"]), args.mini_batch_size // accelerator.num_processes // args.grad_accum
         stats = []
         for _ in range(args.ppo_epochs):
             for idx in torch.randperm(n, device=data["seq"].device).split(mb):
-                stats.append(ppo_update(policy, critic, opt_p, opt_c, {k: v[idx] for k, v in data.items()}, args, accelerator, P))
+                stats.append(ppo_update(policy, critic, opt_p, opt_c, {k: v[idx] for k, v in data.items()}, args, accelerator, P, step + 1))
         sched_p.step(), sched_c.step()
         stats = torch.stack(stats).mean(0)
         ends, mask = data["ends"].float(), data["mask"]
@@ -1169,6 +1255,8 @@ def ppo(args):
         bar.set_postfix(reward=f"{metrics['ppo/reward']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
         if accelerator.is_main_process and (step + 1) % max(1, args.steps // 4) == 0:
             bar.write(sample_table(tokenizer, data, 0))
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(accelerator, args, {"step": step + 1, "before": before, "metrics": metrics})
 
     after, texts = evaluate_policy(policy, rm, ref_logits, eval_loader, settings, args, stop_ids, tokenizer, accelerator)
     save_model(accelerator, policy, tokenizer, args.output_dir)
@@ -1252,7 +1340,34 @@ def write_segments_html(path, rows, threshold):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: one subcommand per stage; dataclass fields become flags.
+# Command line: one subcommand per stage; dataclass fields become flags, checked before anything runs.
+
+RANGES = {  # flag: (test, what it must be)
+    "lr": (lambda v: 0 < v <= 1, "in (0, 1]"), "critic_lr": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "entropy_threshold": (lambda v: v >= 0, ">= 0 (0: token level, inf: bandit)"),
+    "batch_size": (lambda v: v >= 1, ">= 1"), "grad_accum": (lambda v: v >= 1, ">= 1"), "epochs": (lambda v: v >= 1, ">= 1"),
+    "max_len": (lambda v: v >= 2, ">= 2"), "max_prompt_len": (lambda v: v >= 1, ">= 1"), "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "save_every": (lambda v: v >= 0, ">= 0"), "lora_rank": (lambda v: v >= 0, ">= 0"), "eval_size": (lambda v: v >= 1, ">= 1"),
+    "norm_samples": (lambda v: v >= 0, ">= 0"), "flawed_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "steps": (lambda v: v >= 1, ">= 1"), "episodes": (lambda v: v >= 0, ">= 0"), "mini_batch_size": (lambda v: v >= 1, ">= 1"),
+    "ppo_epochs": (lambda v: v >= 1, ">= 1"), "beta": (lambda v: v >= 0, ">= 0"), "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"), "clip_eps": (lambda v: v > 0, "> 0"), "temperature": (lambda v: v > 0, "> 0"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "eval_prompts": (lambda v: v >= 1, ">= 1"), "rollout_chunk": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def check_ranges(args):
+    """Out-of-range flags fail with one line before any model or file is touched (NaN fails every test)."""
+    if not isinstance(args, Common):
+        return
+    for name, (ok, what) in RANGES.items():
+        if hasattr(args, name) and not ok(getattr(args, name)):
+            fail(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
+    if args.max_prompt_len >= args.max_len:
+        fail(f"--max-prompt-len ({args.max_prompt_len}) must be below --max-len ({args.max_len})")
+    if isinstance(args, PPOArgs) and args.max_prompt_len + args.max_new_tokens > args.max_len:
+        fail(f"--max-prompt-len + --max-new-tokens ({args.max_prompt_len} + {args.max_new_tokens}) must not exceed --max-len ({args.max_len})")
 
 COMMANDS = {"sft": (sft, SFTArgs), "train-rm": (train_rm, RMArgs), "fit-norm": (fit_norm, FitNormArgs),
             "ppo": (ppo, PPOArgs), "segment": (segment, SegmentArgs)}
@@ -1264,11 +1379,16 @@ def add_dataclass_args(parser, cls):
         if f.type is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         else:
-            parser.add_argument(name, type=f.type, default=f.default, help=help)
+            parser.add_argument(name, type=f.type, default=f.default, help=help, choices=f.metadata.get("choices"))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of the usage block; --help has the rest
+        fail(f"{message} (see {self.prog} --help)")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="segment_rlhf.py", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="segment_rlhf.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     subparsers = {name: sub.add_parser(name) for name in COMMANDS}
     for name, (_, cls) in COMMANDS.items():
@@ -1283,6 +1403,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     command, args = parse_args(argv)
+    check_ranges(args)
     if getattr(args, "dry_run", False):
         print(json.dumps({"command": command, **dataclasses.asdict(args)}, indent=1))
         return dataclasses.asdict(args)

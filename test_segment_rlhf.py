@@ -3,6 +3,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 
 import pytest
@@ -209,11 +210,15 @@ def test_toy_segmentation_cuts_at_list_separators(toy, capsys):
     assert "black" in open(toy["root"] / "seg.html").read()
 
 
-def test_segment_rewards_single_out_the_wrong_item(toy):
-    out = S.main(["segment", "--reward-model", toy["rm"], "--prompt", "Name 4 fruits.",
-                  "--response", "Here are 4 fruits: apple, plum, tiger, fig."])
-    rewards = {s["text"]: s["reward"] for s in out["segments"]}
-    assert rewards[" tiger,"] < min(rewards[" apple,"], rewards[" plum,"])
+def test_segment_rewards_single_out_the_flawed_item(toy):
+    def rewards(items):
+        out = S.main(["segment", "--reward-model", toy["rm"], "--prompt", "Name 4 fruits.", "--response", f"Here are 4 fruits: {items}."])
+        return [s["reward"] for s in out["segments"]]  # header, then one segment per item
+
+    wrong = rewards("apple, tiger, kiwi, plum")
+    assert wrong[2] < 0 < min(wrong[0], wrong[1])  # " tiger," is negative, what precedes it positive
+    repeat = rewards("apple, fig, fig, plum")
+    assert repeat[3] < 0 < min(repeat[:3])  # the second " fig," is negative, the first one is not
 
 
 def test_both_dataset_layouts_from_local_files(toy):
@@ -252,32 +257,154 @@ def test_short_toy_ppo_raises_the_reward_and_saves_a_loadable_policy(toy):
 
 # --- bad input: one clear line, non-zero exit --------------------------------------------------------
 
+# One row per kind of bad input, as in the README's table: argv ({sft}, {rm}, {tmp} filled in) and the
+# expected message. Every run also gets --output-dir {tmp}/out where the command takes one, and must not create it.
+BAD_INPUT = {
+    "unknown subcommand": (["trian-rm"], "invalid choice: 'trian-rm'"),
+    "unknown flag": (["train-rm", "--learning-rate", "1e-4"], "unrecognized arguments: --learning-rate"),
+    "flag value of the wrong type": (["ppo", "--steps", "ten"], "invalid int value: 'ten'"),
+    "value not among the choices": (["ppo", "--interpolation", "linear"], "invalid choice: 'linear'"),
+    "entropy threshold below 0": (["train-rm", "--entropy-threshold", "-1"], "--entropy-threshold must be >= 0"),
+    "learning rate out of range": (["train-rm", "--lr", "0"], "--lr must be in (0, 1]"),
+    "learning rate NaN": (["ppo", "--critic-lr", "nan"], "--critic-lr must be in (0, 1]"),
+    "prompt limit leaves no room for a response": (["train-rm", "--max-prompt-len", "64", "--max-len", "64"], "must be below --max-len"),
+    "generation longer than the length limit": (["ppo", "--max-new-tokens", "100"], "must not exceed --max-len"),
+    "unknown preset": (["ppo", "--preset", "gpt5"], "unknown --preset 'gpt5'"),
+    "checkpoint flags on sft": (["sft", "--resume"], "sft has no checkpoints"),
+    "model that does not exist": (["train-rm", "--model", "{tmp}/nope"], "does not exist"),
+    "dataset file that does not exist": (["train-rm", "--model", "{sft}", "--dataset", "{tmp}/nope.jsonl"], "does not exist"),
+    "dataset file that is not JSON lines": (["train-rm", "--model", "{sft}", "--dataset", "{tmp}/bad.jsonl"], "could not read"),
+    "missing or misnamed columns": (["train-rm", "--model", "{sft}", "--dataset", "{tmp}/cols.jsonl"], "found ['question', 'answer']"),
+    "non-string message contents": (["train-rm", "--model", "{sft}", "--dataset", "{tmp}/int_prompt.jsonl"], "message contents must be strings"),
+    "conversation whose last turn is the user's": (["train-rm", "--model", "{sft}", "--dataset", "{tmp}/user_last.jsonl"],
+                                                   "must end with an assistant turn"),
+    "every pair longer than --max-len": (["train-rm", "--model", "{sft}", "--dataset", "{tmp}/long.jsonl"], "no usable preference pairs"),
+    "chosen identical to rejected everywhere": (["train-rm", "--model", "{sft}", "--dataset", "{tmp}/same.jsonl"], "chosen identical"),
+    "eval split as large as the data": (["train-rm", "--model", "{sft}", "--dataset", "{tmp}/pairs.jsonl", "--eval-size", "5"],
+                                        "--eval-size 5 must be between"),
+    "batch that does not split": (["train-rm", "--model", "{sft}", "--batch-size", "30", "--grad-accum", "4"], "must be a multiple"),
+    "end token not in the vocabulary": (["train-rm", "--model", "{sft}", "--end-token", "<|eot_id|>"], "not in the tokenizer's vocabulary"),
+    "output directory holding a different run": (["train-rm", "--model", "{sft}", "--epochs", "1", "--output-dir", "{rm}"],
+                                                 "holds a different run; pass --overwrite"),
+    "reward model without its settings file": (["ppo", "--reward-model", "{sft}"], "has no segment_rlhf.json"),
+    "reward mode the reward model was not trained for": (["ppo", "--reward-model", "{rm}", "--reward-mode", "bandit"], "does not fit"),
+    "reward model without a fitted normalizer": (["ppo", "--reward-model", "{tmp}/rm-no-norm"], "no fitted normalizer"),
+    "prompt dataset without prompts": (["ppo", "--reward-model", "{rm}", "--dataset", "{tmp}/cols.jsonl"], "needs a 'prompt' column"),
+    "fewer prompts than one batch": (["ppo", "--reward-model", "{rm}", "--dataset", "{tmp}/pairs.jsonl"], "need more than --eval-prompts"),
+    "segment row outside the dataset": (["segment", "--model", "{sft}", "--dataset", "{tmp}/pairs.jsonl", "--row", "9"], "outside the dataset"),
+}
 
-def test_bad_input_gets_one_clear_line(toy, tmp_path):
-    (tmp_path / "cols.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
-    (tmp_path / "same.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "x", "rejected": "x"}) + "\n")
-    no_norm = shutil.copytree(toy["rm"], tmp_path / "rm-no-norm")
+
+@pytest.fixture(scope="module")
+def bad_files(toy, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad")
+    pair = {"prompt": "Name 2 fruits.", "chosen": "Here are 2 fruits: fig, kiwi.", "rejected": "Here are 2 fruits: fig, cat."}
+    conv = [{"role": "user", "content": "Name 2 fruits."}, {"role": "assistant", "content": "fig, kiwi"}]
+    files = {"cols": [{"question": "q", "answer": "a"}], "same": [{**pair, "rejected": pair["chosen"]}] * 3,
+             "int_prompt": [{**pair, "prompt": 3}], "user_last": [{"chosen": conv[:1], "rejected": conv[:1]}],
+             "long": [{**pair, "chosen": "fig, " * 60}] * 3, "pairs": [pair] * 5}
+    for name, rows in files.items():
+        (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp / "bad.jsonl").write_text("not json\n")
+    no_norm = shutil.copytree(toy["rm"], tmp / "rm-no-norm")
     settings = json.load(open(no_norm / S.SETTINGS_FILE))
     del settings["normalizer"]
     json.dump(settings, open(no_norm / S.SETTINGS_FILE, "w"))
-    cases = [
-        (["train-rm", "--entropy-threshold", "-1"], "must be >= 0"),
-        (["train-rm", "--max-prompt-len", "64", "--max-len", "64"], "must be below --max-len"),
-        (["train-rm", "--model", str(tmp_path / "nope")], "does not exist"),
-        (["train-rm", "--model", toy["sft"], "--dataset", str(tmp_path / "cols.jsonl"), "--output-dir", str(tmp_path / "a")],
-         "found ['question', 'answer']"),
-        (["train-rm", "--model", toy["sft"], "--dataset", str(tmp_path / "same.jsonl"), "--output-dir", str(tmp_path / "b")],
-         "no usable preference pairs"),
-        (["train-rm", "--model", toy["sft"], "--output-dir", toy["rm"]], "holds a different run"),
-        (["ppo", "--reward-model", toy["sft"]], "has no segment_rlhf.json"),
-        (["ppo", "--reward-model", toy["rm"], "--reward-mode", "bandit"], "does not fit"),
-        (["ppo", "--reward-model", str(no_norm)], "no fitted normalizer"),
-        (["ppo", "--reward-model", toy["rm"], "--dataset", str(tmp_path / "cols.jsonl"), "--output-dir", str(tmp_path / "c")],
-         "needs a 'prompt' column"),
-    ]
-    for argv, message in cases:
-        with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
-            S.main(argv)
+    return tmp
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_gets_one_clear_line_and_writes_nothing(case, toy, bad_files):
+    argv, message = BAD_INPUT[case]
+    argv = [a.format(sft=toy["sft"], rm=toy["rm"], tmp=bad_files) for a in argv]
+    out = bad_files / "out"
+    if argv[0] in S.COMMANDS and argv[0] != "segment" and "--output-dir" not in argv and "unrecognized" not in message:
+        argv += ["--output-dir", str(out)]
+    before = open(os.path.join(toy["rm"], "args.json")).read()
+    with pytest.raises(SystemExit) as e:
+        S.main(argv)
+    line = str(e.value)
+    assert line.startswith("segment_rlhf: error: ") and "\n" not in line and message in line, line
+    assert not out.exists()  # nothing written half-way
+    assert open(os.path.join(toy["rm"], "args.json")).read() == before
+
+
+def test_bf16_on_a_gpu_without_bf16_is_refused(toy, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    with pytest.raises(SystemExit, match="this GPU has no bf16 support; drop --bf16"):
+        S.main(["train-rm", "--model", toy["sft"], "--bf16", "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+# --- faults: checkpoints, resume, non-finite values ------------------------------------------------------
+
+
+def crash_at_checkpoint(monkeypatch, n):
+    """The n-th checkpoint save dies half-way (after writing, before the rename), like a killed process."""
+    calls = []
+
+    def save(accelerator, args, state):
+        calls.append(state["step"])
+        if len(calls) == n:
+            monkeypatch.setattr(S.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        save_checkpoint(accelerator, args, state)
+
+    save_checkpoint = S.save_checkpoint
+    monkeypatch.setattr(S, "save_checkpoint", save)
+    return calls
+
+
+@pytest.mark.parametrize("command", ["train-rm", "ppo"])
+def test_resumed_run_equals_uninterrupted_run(command, toy, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in S.toy_preference_rows(300, seed=7)))
+    argv = {"train-rm": ["train-rm", "--model", toy["sft"], "--dataset", str(tmp_path / "pairs.jsonl"), "--eval-size", "44",
+                         "--epochs", "2"],  # 8 steps an epoch
+            "ppo": ["ppo", "--reward-model", toy["rm"], "--steps", "7", "--batch-size", "16", "--mini-batch-size", "8",
+                    "--eval-prompts", "16"]}[command]
+    whole = S.main(argv + ["--output-dir", str(tmp_path / "whole")])
+    crashed = argv + ["--output-dir", str(tmp_path / "run"), "--save-every", "3"]
+    calls = crash_at_checkpoint(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        S.main(crashed)
+    monkeypatch.undo()
+    assert calls == [3, 6] and sorted(os.listdir(tmp_path / "run")).count("checkpoint-6.tmp") == 1
+    resumed = S.main(crashed + ["--resume"])  # picks checkpoint-3: checkpoint-6 was never completed
+    assert {**resumed, "output_dir": None} == {**whole, "output_dir": None}
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda path: [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in open(path)]
+    assert strip(tmp_path / "run" / "metrics.jsonl") == strip(tmp_path / "whole" / "metrics.jsonl")
+
+
+def test_non_finite_loss_stops_the_run_naming_step_and_checkpoint(toy, tmp_path, monkeypatch):
+    calls, segment_scores = [], S.segment_scores
+
+    def nan_at_call_5(values, ends):
+        calls.append(1)
+        return segment_scores(values, ends) * (float("nan") if len(calls) == 5 else 1.0)
+
+    monkeypatch.setattr(S, "segment_scores", nan_at_call_5)
+    out = tmp_path / "rm"
+    with pytest.raises(SystemExit, match=re.escape(f"non-finite loss at step 5; last good checkpoint: {out}/checkpoint-4") + "$"):
+        S.main(["train-rm", "--model", toy["sft"], "--epochs", "1", "--save-every", "2", "--output-dir", str(out)])
+
+
+def test_non_finite_reward_stops_ppo(toy, tmp_path, monkeypatch):
+    rollout, calls = S.rollout, []
+
+    def nan_reward_at_step_2(*args):
+        data = rollout(*args)
+        calls.append(1)
+        data["dense"][0, 0] = float("nan") if len(calls) == 2 else data["dense"][0, 0]
+        return data
+
+    monkeypatch.setattr(S, "rollout", nan_reward_at_step_2)
+    with pytest.raises(SystemExit, match="non-finite reward at step 2; last good checkpoint: none"):
+        S.main(["ppo", "--reward-model", toy["rm"], "--steps", "3", "--batch-size", "16", "--mini-batch-size", "8",
+                "--eval-prompts", "16", "--output-dir", str(tmp_path / "ppo")])
 
 
 # --- paper presets -------------------------------------------------------------------------------------
@@ -326,22 +453,26 @@ def test_lora_reward_model_and_ppo(toy):
 # --- several processes (DDP over gloo on CPU, through accelerate) ------------------------------------
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch(toy):
+def test_two_processes_train_like_one_with_the_same_global_batch(toy, tmp_path):
     import subprocess
     import sys
 
+    # 256 training pairs (8 global batches of 32) and 64 held out: no process ever gets a short batch, which
+    # accelerate would complete with repeated samples, so 2 x 16 pairs must give the gradient of 32.
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in S.toy_preference_rows(320, seed=3)))
+
     def run(n, out):
         launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)] if n > 1 else [sys.executable]
-        cmd = launch + [S.__file__, "train-rm", "--model", toy["sft"], "--epochs", "1", "--output-dir", str(out)]
+        cmd = launch + [S.__file__, "train-rm", "--model", toy["sft"], "--dataset", str(tmp_path / "pairs.jsonl"), "--eval-size", "64",
+                        "--epochs", "2", "--output-dir", str(out)]
         subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        return json.loads(open(out / "metrics.jsonl").readline())
+        return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
-    one, two = run(1, toy["root"] / "ddp1"), run(2, toy["root"] / "ddp2")
-    assert (one["processes"], two["processes"]) == (1, 2)
-    # Not equal to the digit: accelerate completes the last, short batch of each process with repeated
-    # samples (train and eval), so the final batches differ. Everything before them is the same global batch.
-    for key in ("rm/accuracy", "rm/chosen_score", "rm/rejected_score", "segment/per_response"):
-        assert two[key] == pytest.approx(one[key], abs=0.05), key
+    one, two = run(1, tmp_path / "ddp1"), run(2, tmp_path / "ddp2")
+    assert [r["processes"] for r in one + two] == [1, 1, 2, 2]
+    for a, b in zip(one, two):
+        for key in ("rm/loss", "rm/accuracy", "rm/chosen_score", "rm/rejected_score", "segment/per_response"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), key  # seen: within 2e-7
 
 
 def test_openrlhf_layout_reward_model_reads_per_token_values(tmp_path):
