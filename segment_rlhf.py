@@ -165,7 +165,7 @@ CATEGORIES = {
     "vegetables": ["carrot", "onion", "leek", "pea", "bean", "corn", "kale", "beet"],
 }
 TOY_COUNTS = (2, 3, 4, 5)
-TOY_FLAWS = ("wrong", "duplicate", "count", "garbled")  # each decided inside one segment
+TOY_FLAWS = ("wrong", "duplicate", "count", "garbled", "stray")  # each decided inside one segment
 TOY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -180,8 +180,9 @@ def toy_prompt(rng):
 def toy_response(rng, n, category, flaw=None):
     """A correct answer lists n distinct items of the category in alphabetical order (so a 1M model
     avoids repeats by looking at the previous item only); a flawed one has a 'wrong' item (another
-    category's), a 'duplicate' item, a 'count' off by one, or a 'garbled' item (random letters, so the
-    reward model has seen text that is no item at all)."""
+    category's), a 'duplicate' item, a 'count' off by one, a 'garbled' item (random letters) or a 'stray'
+    piece of the header in an item's place. The last two are there so that the reward model has seen text
+    that is no item at all: PPO finds every kind of text the reward model never saw (README)."""
     k = n + (rng.choice((-1, 1)) if flaw == "count" else 0)
     items = sorted(rng.sample(CATEGORIES[category], k))
     if flaw == "wrong":
@@ -192,6 +193,8 @@ def toy_response(rng, n, category, flaw=None):
         items[i] = items[i - 1]
     elif flaw == "garbled":
         items[rng.randrange(n)] = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 7)))
+    elif flaw == "stray":
+        items[rng.randrange(n)] = rng.choice([f"{n} {category}:", category, str(rng.choice(TOY_COUNTS))])
     return f"Here are {n} {category}: {', '.join(items)}."
 
 
@@ -508,7 +511,6 @@ def load_checkpoint(accelerator, args):
     accelerator.load_state(path)
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         metrics = os.path.join(args.output_dir, "metrics.jsonl")
         with open(metrics) as f:
