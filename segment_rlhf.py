@@ -78,7 +78,7 @@ class SFTArgs(Common):
 @dataclass
 class RMArgs(Common):
     entropy_threshold: float = field(default=1.0, metadata={"help": "entropy cutoff c: a number (segment), 0 (token), inf (bandit)"})
-    epochs: int = field(default=4, metadata={"help": "passes over the preference data"})
+    epochs: int = field(default=5, metadata={"help": "passes over the preference data"})
     lr: float = field(default=3e-4, metadata={"help": "learning rate"})
     eval_size: int = field(default=200, metadata={"help": "pairs held out from the training data for evaluation"})
     norm_samples: int = field(default=0, metadata={"help": "training pairs scored to fit the normalizer; 0: all"})
