@@ -478,9 +478,14 @@ def log_metrics(args, accelerator, row):
             f.write(json.dumps(row) + "\n")
 
 
+def checkpoints(output_dir):
+    """Complete checkpoints in `output_dir`, oldest first (a `.tmp` one was never finished)."""
+    steps = sorted(int(d.split("-")[1]) for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)) if os.path.isdir(output_dir) else []
+    return [os.path.join(output_dir, f"checkpoint-{step}") for step in steps]
+
+
 def latest_checkpoint(output_dir):
-    steps = [int(d.split("-")[1]) for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)] if os.path.isdir(output_dir) else []
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+    return (checkpoints(output_dir) or [None])[-1]
 
 
 def save_checkpoint(accelerator, args, state):
@@ -496,9 +501,9 @@ def save_checkpoint(accelerator, args, state):
             json.dump(state, f)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(path + ".tmp", path)
-        for old in os.listdir(args.output_dir):  # keep only the newest checkpoint
-            if re.fullmatch(r"checkpoint-\d+", old) and old != os.path.basename(path):
-                shutil.rmtree(os.path.join(args.output_dir, old))
+        for old in checkpoints(args.output_dir):  # keep only the newest checkpoint
+            if old != path:
+                shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 
@@ -729,8 +734,8 @@ def add_entropies(ds, args, accelerator, model_path, tokenizer):
     stamp = os.path.getmtime(os.path.join(model_path, "config.json")) if os.path.isdir(model_path) else 0
     key = json.dumps([ds._fingerprint, os.path.abspath(model_path) if os.path.isdir(model_path) else model_path, stamp])
     cache = os.path.join(args.output_dir, f"entropy-{hashlib.sha1(key.encode()).hexdigest()[:16]}.arrow")
-    ref = load_model(model_path, "causal", args.bf16).to(accelerator.device).eval()
     with accelerator.main_process_first():  # the main process computes, the others read its cache file
+        ref = None if os.path.exists(cache) else load_model(model_path, "causal", args.bf16).to(accelerator.device).eval()
         return ds.map(lambda rows: add_entropies_batch(rows, ref, tokenizer.pad_token_id, accelerator.device),
                       batched=True, batch_size=64, cache_file_name=cache, new_fingerprint=os.path.basename(cache),
                       load_from_cache_file=True, desc="reference entropies")
