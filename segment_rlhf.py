@@ -1,22 +1,30 @@
-"""Segment-level RLHF in one file.
+"""Segment-level RLHF in one file: entropy segments, a segment reward model, location-aware
+normalization, within-segment interpolation and PPO against the dense rewards.
 
 Yin et al., 2025, "Segmenting Text and Learning Their Rewards for Improved RLHF in Language Model"
-(arXiv 2501.02790). The reward model scores *segments* instead of whole responses or single tokens:
-a segment ends wherever the reference LM is unsure what comes next (next-token entropy > c), the
-model's per-token head read at a segment's last token is that segment's reward, and a sequence
-scores the mean of its segment rewards (trained with Bradley-Terry). PPO then normalizes each
-segment reward with a mean and std that depend on where the segment sits in the response, spreads
-it evenly over the segment's tokens, and optimizes against those dense rewards.
+(arXiv 2501.02790). A bandit reward model gives PPO one number per response; a token-level one gives
+a noisy number per token. The paper rewards *segments*: a segment ends wherever the frozen reference
+model is unsure what comes next (next-token entropy above a cutoff c); the reward model's per-token
+head read at a segment's last token is that segment's reward, and a response scores the mean of its
+segment rewards (Bradley-Terry on ordinary preference pairs, no segment labels). For PPO each
+segment reward is normalized with a mean and std that depend on where the segment sits in the
+response, spread evenly over its tokens, and optimized with a KL penalty.
 
-Pipeline:  sft (toy only) -> train-rm -> ppo;  `segment` shows what the method sees.
+Pipeline:  sft (toy only) -> train-rm -> ppo;  `segment` shows a response cut into its segments.
 
-    python segment_rlhf.py ppo                       # toy task, CPU, builds sft + reward model first
+    python segment_rlhf.py ppo                     # toy task on a CPU; builds sft and the RM first
     python segment_rlhf.py segment --reward-model runs/toy-rm
-    python segment_rlhf.py train-rm --preset phi3-mini --bf16 --gradient-checkpointing
-    accelerate launch --num_processes 8 segment_rlhf.py ppo --preset phi3-mini --bf16
+    python segment_rlhf.py train-rm --preset phi3-mini --dry-run      # the paper's settings
+    python segment_rlhf.py train-rm --preset phi3-mini --lora-rank 64
+    accelerate launch --num_processes 8 segment_rlhf.py ppo --preset phi3-mini
+
+Reading order: configuration, the method (sections 1-5: small pure functions), the training loops,
+the toy task. Everything below the toy task is plumbing: data, models, runs, presets, the CLI.
 """
+
 import argparse
 import dataclasses
+import hashlib
 import html
 import json
 import math
@@ -26,136 +34,946 @@ import re
 import shutil
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 
+import datasets
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
-
-SETTINGS_FILE = "segment_rlhf.json"  # segmentation settings + normalizer, saved beside a reward model
-
-
-def fail(msg):
-    """Bad input: one clear line and a non-zero exit, never a traceback."""
-    raise SystemExit(f"segment_rlhf: error: {msg}")
-
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    get_scheduler,
+)
 
 # ----------------------------------------------------------------------------------------------
-# Configuration: one dataclass per subcommand; the defaults are the embedded toy run.
+# Configuration: one dataclass per subcommand, each field a flag; the defaults are the toy run.
+
+
+def arg(default, help, **extra):
+    """A dataclass field that is also a command-line flag with this help text."""
+    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass
 class Common:
-    model: str = field(default="", metadata={"help": "SFT / reference model (hub id or directory); empty: the toy SFT model"})
-    dataset: str = field(default="", metadata={"help": "hub id or local json/jsonl/parquet file; empty: the toy task"})
-    output_dir: str = field(default="", metadata={"help": "where everything is written (default: runs/toy-<subcommand>)"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    max_len: int = field(default=64, metadata={"help": "max tokens of prompt + response"})
-    max_prompt_len: int = field(default=32, metadata={"help": "prompts longer than this are cut from the left"})
-    end_token: str = field(default="", metadata={"help": "token closing a response (default: the tokenizer's eos)"})
-    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
-    batch_size: int = field(default=32, metadata={"help": "global batch size (pairs for train-rm, prompts for ppo)"})
-    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps per optimizer step"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "linear warm-up, as a fraction of all steps"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision"})
-    overwrite: bool = field(default=False, metadata={"help": "allow writing into an existing run directory"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward: less memory, ~30%% more time"})
-    lora_rank: int = field(default=0, metadata={"help": "LoRA rank (peft) for the trained models; 0: full fine-tuning"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator"})
-    lora_targets: str = field(default="all-linear", metadata={"help": "modules that get adapters (peft target_modules)"})
-    preset: str = field(default="", metadata={"help": "the paper's settings: phi3-mini | llama3-sft-8b | llama31-instruct-8b; flags override"})
-    dry_run: bool = field(default=False, metadata={"help": "print the resolved configuration and exit"})
-    save_every: int = field(default=0, metadata={"help": "train-rm, ppo: save a resumable checkpoint every N optimizer steps (ppo: iterations); 0: never"})
-    resume: bool = field(default=False, metadata={"help": "train-rm, ppo: continue from the latest checkpoint in --output-dir"})
+    model: str = arg("", "SFT / reference model: hub id or directory (default: toy SFT model)")
+    dataset: str = arg("", "hub id or a .json/.jsonl/.parquet file (default: the toy task)")
+    output_dir: str = arg("", "where the run is written (default: runs/toy-<subcommand>)")
+    seed: int = arg(0, "random seed")
+    max_len: int = arg(64, "max tokens of prompt + response")
+    max_prompt_len: int = arg(32, "prompts longer than this are cut from the left")
+    end_token: str = arg("", "token closing a response (default: the tokenizer's eos)")
+    lr: float = arg(1e-3, "learning rate")
+    batch_size: int = arg(32, "global batch size (pairs for train-rm, prompts for ppo)")
+    grad_accum: int = arg(1, "gradient accumulation steps per optimizer step")
+    warmup_ratio: float = arg(0.03, "linear warm-up, as a fraction of all steps")
+    bf16: bool = arg(False, "bf16 mixed precision")
+    overwrite: bool = arg(False, "allow writing into an existing run directory")
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward: less memory")
+    lora_rank: int = arg(0, "LoRA rank (peft) of the trained models; 0: full fine-tuning")
+    lora_alpha: float = arg(16.0, "LoRA scaling numerator")
+    lora_targets: str = arg("all-linear", "modules that get adapters (peft target_modules)")
+    preset: str = arg("", "paper settings: phi3-mini | llama3-sft-8b | llama31-instruct-8b")
+    dry_run: bool = arg(False, "print the resolved configuration and exit")
+    save_every: int = arg(0, "train-rm, ppo: checkpoint every N optimizer steps / iterations")
+    resume: bool = arg(False, "train-rm, ppo: continue from the newest checkpoint")
+    micro_batch: int = field(default=0, init=False)  # derived: rows per process per forward
 
 
 @dataclass
 class SFTArgs(Common):
-    epochs: int = field(default=6, metadata={"help": "passes over the SFT data"})
-    flawed_fraction: float = field(default=0.3, metadata={"help": "toy only: share of flawed SFT targets, so PPO has room to improve"})
+    epochs: int = arg(6, "passes over the SFT data")
+    flawed_fraction: float = arg(0.3, "toy only: share of flawed SFT targets (room for PPO)")
 
 
 @dataclass
 class RMArgs(Common):
-    entropy_threshold: float = field(default=1.0, metadata={"help": "entropy cutoff c: a number (segment), 0 (token), inf (bandit)"})
-    epochs: int = field(default=5, metadata={"help": "passes over the preference data"})
-    lr: float = field(default=3e-4, metadata={"help": "learning rate"})
-    eval_size: int = field(default=200, metadata={"help": "pairs held out from the training data for evaluation"})
-    norm_samples: int = field(default=0, metadata={"help": "training pairs scored to fit the normalizer; 0: all"})
+    entropy_threshold: float = arg(1.0, "entropy cutoff c: 0 token level, inf bandit")
+    epochs: int = arg(5, "passes over the preference data")
+    lr: float = arg(3e-4, "learning rate")
+    eval_size: int = arg(200, "pairs held out from the training data for evaluation")
+    norm_samples: int = arg(0, "training pairs scored to fit the normalizer; 0: all")
 
 
 @dataclass
 class FitNormArgs(Common):
-    reward_model: str = field(default="runs/toy-rm", metadata={"help": "reward model directory whose normalizer is (re)fitted"})
-    norm_samples: int = field(default=0, metadata={"help": "preference pairs scored; 0: all (the authors used 60,000 responses)"})
-    plot: str = field(default="", metadata={"help": "also draw per-position means / stds and the fitted curves to this PNG"})
+    reward_model: str = arg("runs/toy-rm", "reward model directory whose normalizer is refitted")
+    norm_samples: int = arg(0, "preference pairs scored; 0: all (the authors: 60,000 pairs)")
+    plot: str = arg("", "also draw means / stds per position and the fitted curves to this PNG")
+
+
+@dataclass
+class PPOArgs(Common):
+    reward_model: str = arg("", "reward model directory from train-rm (default: the toy one)")
+    reward_mode: str = arg("", "default: the RM's", choices=("segment", "token", "bandit"))
+    interpolation: str = arg("even", "within-segment split", choices=("even", "last", "repeat"))
+    location_norm: bool = arg(True, "location-aware normalization (--no-location-norm: raw)")
+    steps: int = arg(120, "PPO iterations (rollout batch + update)")
+    episodes: float = arg(0.0, "if > 0: --steps = this many passes over the prompts")
+    batch_size: int = arg(64, "rollout batch: prompts per iteration (global)")
+    mini_batch_size: int = arg(16, "train batch: rollouts per optimizer step (global)")
+    ppo_epochs: int = arg(2, "passes over each rollout batch")
+    lr: float = arg(3e-5, "actor learning rate")
+    critic_lr: float = arg(1e-4, "critic learning rate")
+    beta: float = arg(0.1, "KL coefficient, fixed (paper 0.01; 0.1 keeps toy lists short)")
+    gamma: float = arg(1.0, "discount")
+    lam: float = arg(0.95, "GAE lambda")
+    clip_eps: float = arg(0.2, "policy ratio clip")
+    value_clip: float = arg(float("nan"), "value clip (default: 0.25 dense, 0.2 bandit)")
+    temperature: float = arg(1.0, "sampling temperature")
+    top_p: float = arg(1.0, "nucleus sampling")
+    max_new_tokens: int = arg(24, "generation length limit")
+    missing_eos_penalty: float = arg(1.0, "subtracted at the end of unended responses (paper 0)")
+    eval_prompts: int = arg(128, "held-out prompts scored before and after training")
+    rollout_chunk: int = arg(64, "prompts generated and scored at once per process (memory)")
 
 
 @dataclass
 class SegmentArgs:
-    prompt: str = field(default="", metadata={"help": "user prompt (chat template applied)"})
-    response: str = field(default="", metadata={"help": "response to segment"})
-    text: str = field(default="", metadata={"help": "raw text to segment, no chat template"})
-    dataset: str = field(default="", metadata={"help": "take the pair from this dataset's row --row (its chosen response)"})
-    row: int = field(default=0, metadata={"help": "dataset row"})
-    model: str = field(default="", metadata={"help": "reference model giving the entropies (default: the reward model's)"})
-    reward_model: str = field(default="", metadata={"help": "reward model directory: adds segment rewards"})
-    entropy_threshold: float = field(default=float("nan"), metadata={"help": "cutoff c (default: the reward model's, else 1.0)"})
-    html: str = field(default="", metadata={"help": "also write the segments as an HTML page to this file"})
-    end_token: str = field(default="", metadata={"help": "token closing a response (default: the tokenizer's eos)"})
+    prompt: str = arg("", "user prompt (chat template applied)")
+    response: str = arg("", "response to segment")
+    text: str = arg("", "raw text to segment, no chat template")
+    dataset: str = arg("", "take the pair from this dataset's row --row (its chosen response)")
+    row: int = arg(0, "dataset row")
+    model: str = arg("", "reference model giving the entropies (default: the reward model's)")
+    reward_model: str = arg("", "reward model directory: adds segment rewards")
+    entropy_threshold: float = arg(float("nan"), "cutoff c (default: the reward model's, else 1)")
+    html: str = arg("", "also write the segments as an HTML page to this file")
+    end_token: str = arg("", "token closing a response (default: the tokenizer's eos)")
 
 
-TOY_SFT, TOY_RM, TOY_PPO = "runs/toy-sft", "runs/toy-rm", "runs/toy-ppo"
-
-# The paper's runs (PAPER §2, §5): model, cutoff c, end token, released reward models, and the authors'
-# fitted normalizers (a_mu, a_sigma, b_mu, b_sigma) for c and for c = 0, and the bandit (mean, std).
-PAPER_MODELS = {
-    "phi3-mini": dict(model="microsoft/Phi-3-mini-4k-instruct", c=1.75, end_token="<|end|>", episodes=2,
-                      rm="yyqoni/Phi-3-mini-4k-instruct-{}-rm-700k", segment=(0.7668, 0.2569, 0.4705, 2.8339),
-                      token=(0.9628, 0.3796, 1.2917, 3.5006), bandit=(-0.5195, 2.1563)),
-    "llama3-sft-8b": dict(model="RLHFlow/LLaMA3-SFT-v2", c=2.0, end_token="<|eot_id|>", episodes=1,
-                          rm="yyqoni/rlhflow-llama-3-sft-8b-v2-{}-rm-700k", segment=(0.8967, 0.5680, 0.8572, 4.1667),
-                          token=(1.7340, 0.9906, 1.3212, 5.4513), bandit=(-0.8164, 2.9531)),
-    "llama31-instruct-8b": dict(model="meta-llama/Llama-3.1-8B-Instruct", c=2.0, end_token="<|eot_id|>", episodes=1,
-                                rm="yyqoni/meta-llama-3.1-instruct-8b-{}-rm-700k", segment=(0.8345, 0.4780, 0.8798, 3.7358),
-                                token=(1.6268, 0.6254, 0.6419, 4.9217), bandit=(-0.8281, 2.9375)),
-}
-PAPER_RM = dict(dataset="hendrydong/preference_700K", lr=1e-6, epochs=1, batch_size=128, grad_accum=16, max_len=2048,
-                max_prompt_len=1728, bf16=True, gradient_checkpointing=True, eval_size=1000, norm_samples=30000)
-PAPER_PPO = dict(dataset="argilla/ultrafeedback-binarized-preferences-cleaned", lr=5e-7, critic_lr=9e-6, batch_size=1024,
-                 mini_batch_size=128, grad_accum=16, ppo_epochs=1, max_prompt_len=1024, max_new_tokens=1024, max_len=2048,
-                 beta=0.01, missing_eos_penalty=0.0, temperature=1.0, top_p=1.0, bf16=True, gradient_checkpointing=True)
+# ----------------------------------------------------------------------------------------------
+# 1. Entropy segmentation. The frozen reference model reads prompt + response once; its entropy
+#        H[t] = -sum_v p(v | y_<=t) log p(v | y_<=t)
+# says how unsure it is of the token after t. Where H[t] > c, token t closes a segment:
+#        ends = { t in content : H[t] > c }  U  { the last content token },
+# content being the response minus its closing end token. c = 0 gives one segment per token (the
+# token-level baseline); c = inf one segment per response (the bandit baseline), read at the end
+# token itself, as a sequence-level reward model reads it.
 
 
-def preset_defaults(name, command):
-    """Flag defaults for `command` under preset `name`."""
-    if name not in PAPER_MODELS:
-        fail(f"unknown --preset {name!r}; choose from {', '.join(PAPER_MODELS)}")
-    m = PAPER_MODELS[name]
-    common = {"model": m["model"], "end_token": m["end_token"]}
-    if command == "train-rm":
-        return {**PAPER_RM, **common, "entropy_threshold": m["c"], "output_dir": f"runs/{name}-segment-rm"}
-    if command == "ppo":
-        return {**PAPER_PPO, **common, "episodes": m["episodes"], "reward_model": m["rm"].format("segment"),
-                "output_dir": f"runs/{name}-segment-ppo"}
-    return common
+def token_entropy(logits):
+    """(B, T, V) -> (B, T) entropy in nats, in float32 whatever the input dtype.
+
+    The textbook -sum p log p holds p and log p, two (B, T, V) float32 tensors: 2 x 8 GB for 8 rows
+    of 2048 tokens over Llama-3's 128k vocabulary. With log p = z - log Z (z the logits),
+        H = log Z - sum_v p(v) z(v),
+    which needs p alone, multiplied by z in place. log Z = z* - log p*, from the top logit z*.
+    """
+    p = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (B, T, V): the one extra tensor
+    top, idx = logits.max(-1)
+    log_z = top.float() - p.gather(-1, idx.unsqueeze(-1)).squeeze(-1).log()
+    return log_z - p.mul_(logits).sum(-1)
 
 
-def released_rm_settings(path):
-    """Settings of the authors' released reward models (they ship without our settings file)."""
-    for m in PAPER_MODELS.values():
-        for kind, c in (("segment", m["c"]), ("token", 0.0), ("bandit", float("inf"))):
-            if path == m["rm"].format(kind):
-                norm = {} if kind == "bandit" else {"normalizer": list(m[kind])}
-                return {"entropy_threshold": c, "reference_model": m["model"], "end_token": m["end_token"],
-                        "mean": m["bandit"][0], "std": m["bandit"][1], **norm}
-    return None
+def segment_ends(entropy, content_mask, threshold):
+    """(B, T) bool: content positions with entropy > threshold, and each row's last content one.
+
+        entropy      0.1  2.5  0.3  2.0  3.0  0.2  9.0      threshold c = 2.0
+        content        0    1    1    1    1    1    0      (prompt token, 5 tokens, end token)
+        ends           0    1    0    0    1    1    0      (2.0 is not > 2.0; 5 is the last)
+
+    The last content position is where the running count of content tokens reaches the total.
+    """
+    content_mask = content_mask.bool()
+    total = content_mask.sum(-1, keepdim=True)
+    is_last = (content_mask.cumsum(-1) == total) & content_mask
+    return ((entropy > threshold) & content_mask) | is_last
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Segment reward model. The LM backbone and a linear head (hidden -> 1, no bias) give a value
+# v[t] at every token, the layout of AutoModelForSequenceClassification(num_labels=1). Segment k's
+# reward is the value at its last token, r_k = v[end_k]; a response scores the mean of its K
+# segment rewards, s(y) = (1/K) sum_k r_k. Trained on preference pairs (y+ chosen, y- rejected) with
+#        L = -log sigmoid(s(y+) - s(y-))        (Bradley-Terry)
+# the model learns by itself which segments carry the preference.
+
+
+def token_values(model, input_ids, attention_mask):
+    """(B, T) head output at every position: the reward model's v[t], or the critic's value.
+    The pooled sequence-classification logit reads one position only, so it is not used."""
+    out = forward(model, input_ids, attention_mask, output_hidden_states=True)
+    head = unwrap(model).score
+    return head(out.hidden_states[-1].to(head.weight.dtype)).squeeze(-1).float()
+
+
+def segment_scores(values, ends):
+    """(B,) mean of `values` at the segment ends of each row (0 for a row with no segment)."""
+    ends = ends.float()
+    return (values * ends).sum(-1) / ends.sum(-1).clamp(min=1)
+
+
+def bradley_terry_loss(chosen_scores, rejected_scores):
+    """-log sigmoid(s+ - s-), averaged over the pairs."""
+    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Location-aware normalization. Segment rewards drift with where the segment sits, so the
+# mean and std of the classic reward normalization become functions of the relative position
+# p = k / K of segment k among K:
+#        mu(p) = a_mu ln p + b_mu,   sigma(p) = a_sigma ln p + b_sigma,   r~_k = (r_k - mu) / sigma.
+# Fit: score many preference responses, group the segment rewards by p (rounded to 3 decimals),
+# take each group's mean and std, and regress both on ln p with a Huber loss (robust to the small
+# groups at rare positions). The bandit keeps one scalar mean and std.
+
+
+def segment_positions(ends):
+    """(B, T): k / K at the end of segment k of K, 0 elsewhere."""
+    ends = ends.float()
+    return ends.cumsum(-1) / ends.sum(-1, keepdim=True).clamp(min=1) * ends
+
+
+def huber_fit(x, y, delta=1.35, iters=100):
+    """Slope and intercept of y ~ a x + b under a Huber loss, by iteratively reweighted least
+    squares: points whose residual exceeds delta robust scales get weight delta scale / residual."""
+    if x.unique().numel() < 2:
+        return 0.0, y.mean().item()
+    X = torch.stack([x, torch.ones_like(x)], 1).double()
+    w, y = torch.ones_like(x).double(), y.double()
+    for _ in range(iters):
+        sw = w.sqrt()[:, None]
+        coef = torch.linalg.lstsq(X * sw, y[:, None] * sw).solution.squeeze(1)
+        resid = (y - X @ coef).abs()
+        scale = (1.4826 * resid.median()).clamp(min=1e-8)  # robust residual scale (MAD)
+        w = (delta * scale / resid.clamp(min=1e-12)).clamp(max=1.0)
+    return coef[0].item(), coef[1].item()
+
+
+def fit_location_normalizer(positions, rewards):
+    """(a_mu, a_sigma, b_mu, b_sigma) from 1-D tensors of segment positions p and rewards r."""
+    groups, index = torch.unique(torch.round(positions.double() * 1000) / 1000, return_inverse=True)
+    count = torch.bincount(index, minlength=len(groups)).double()
+    mean = torch.zeros_like(groups).index_add_(0, index, rewards.double()) / count
+    sq_dev = (rewards.double() - mean[index]) ** 2
+    var = torch.zeros_like(groups).index_add_(0, index, sq_dev) / count
+    keep = count >= 2  # a single sample has no std
+    x = groups[keep].log()
+    (a_mu, b_mu), (a_sigma, b_sigma) = huber_fit(x, mean[keep]), huber_fit(x, var[keep].sqrt())
+    return a_mu, a_sigma, b_mu, b_sigma
+
+
+def normalize_segment_rewards(values, ends, params, min_position=0.0, min_sigma=1e-3):
+    """(B, T): (v - mu(p)) / sigma(p) at segment ends, 0 elsewhere."""
+    a_mu, a_sigma, b_mu, b_sigma = params
+    # Implementation detail: positions below the smallest p seen in fitting use that p, and sigma
+    # is kept above min_sigma. The fitted lines do not extrapolate: a sigma line crosses zero for
+    # small enough p, and a policy that cut its responses into many more segments than the fit saw
+    # got rewards divided by ~0 (seen on the toy; the paper's Llama-3-SFT token-level line turns
+    # negative past ~246 segments).
+    log_p = segment_positions(ends).clamp(min=max(min_position, 1e-12)).log()
+    sigma = (a_sigma * log_p + b_sigma).clamp(min=min_sigma)
+    return torch.where(ends.bool(), (values - (a_mu * log_p + b_mu)) / sigma, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Within-segment interpolation. PPO wants a reward per token, the model gives one per segment.
+# The paper's "even" split gives every token of segment k the value r~_k / len_k, so the tokens of
+# a segment sum to its reward. Ablations: "last" (all of it on the segment's last token) and
+# "repeat" (r~_k on every token).
+
+
+def interpolate_rewards(seg_rewards, ends, content_mask, mode="even"):
+    """(B, T): spread each segment's reward (held at its end position) over the segment's tokens.
+
+    The segment index of each token is the number of ends strictly before it:
+        ends     0  1  0  0  1            cumsum(ends) - ends
+        seg_id   0  0  1  1  1            (token 1 closes segment 0 and still belongs to it)
+    scatter_add then sums rewards and lengths per segment, and gather hands them back per token.
+    """
+    ends, content = ends.bool(), content_mask.bool()
+    if mode == "last":
+        return torch.where(ends, seg_rewards, 0.0)
+    seg_id = (ends.long().cumsum(-1) - ends.long()).clamp(max=ends.shape[1] - 1)
+    at_ends = torch.where(ends, seg_rewards, 0.0)
+    reward_of = torch.zeros_like(seg_rewards).scatter_add_(1, seg_id, at_ends)
+    length_of = torch.zeros_like(seg_rewards).scatter_add_(1, seg_id, content.to(seg_rewards.dtype))
+    per_token = reward_of.gather(1, seg_id)
+    if mode == "even":
+        per_token = per_token / length_of.gather(1, seg_id).clamp(min=1)
+    elif mode != "repeat":
+        raise ValueError(f"interpolation mode must be even, last or repeat, got {mode!r}")
+    return torch.where(content, per_token, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. PPO with dense rewards. Each rollout is segmented with the reference entropies (1), its
+# segment rewards (2) normalized for their position (3) and spread over their tokens (4). The
+# reward of token t is then
+#        R_t = clamp(r_t, -10, 10) - beta (log pi(a_t) - log pi_ref(a_t)),
+# GAE turns rewards and critic values into advantages (gamma = 1, lambda = 0.95), whitened over
+# the rollout batch, and the actor and critic take clipped PPO steps. The critic starts from the
+# SFT model with a fresh head, not from the reward model.
+
+
+def dense_rewards(rm_values, entropy, mask, stop, mode, threshold, norm, interpolation):
+    """(B, R) per-token rewards of sampled responses, their segment ends and raw (B,) scores.
+
+    mask: response tokens up to and including the stop token; stop: the stop token itself;
+    mode: segment | token | bandit; norm: the reward model's fitted statistics, None for raw."""
+    if mode == "bandit":  # one segment, read at the end token (the last token when truncated)
+        ends = segment_ends(entropy, mask, float("inf"))
+        seg = rm_values if norm is None else (rm_values - norm["mean"]) / norm["std"]
+        dense = torch.where(ends, seg, 0.0)
+    else:
+        content = mask & ~stop  # the stop token is not content
+        ends = segment_ends(entropy, content, threshold)
+        seg = rm_values
+        if norm is not None:
+            min_p = norm.get("min_position", 0.0)
+            seg = normalize_segment_rewards(rm_values, ends, norm["normalizer"], min_p)
+        dense = interpolate_rewards(seg, ends, content, interpolation)
+    return dense, ends, segment_scores(rm_values, ends)
+
+
+def kl_penalized_rewards(dense, logprobs, ref_logprobs, mask, beta):
+    """R_t = clamp(r_t, -10, 10) - beta (log pi - log pi_ref); also the (B, T) KL estimate."""
+    kl = (logprobs - ref_logprobs) * mask
+    return dense.clamp(-10, 10) - beta * kl, kl
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """(B, T) -> advantages, returns, by generalized advantage estimation:
+        delta_t = r_t + gamma V_{t+1} - V_t,     A_t = delta_t + gamma lam A_{t+1}.
+
+    Unrolled, A_t = sum_{u >= t} (gamma lam)^(u - t) delta_u: a matrix product with the (T, T)
+    upper-triangular matrix D[t, u] = (gamma lam)^(u - t), instead of a Python loop over tokens.
+    """
+    mask = mask.float()
+    next_values = F.pad((values * mask)[:, 1:], (0, 1))  # V after the last token is 0 (terminal)
+    deltas = (rewards + gamma * next_values - values) * mask
+    t = torch.arange(rewards.shape[1], device=rewards.device)
+    lag = (t[None, :] - t[:, None]).float()  # (T, T): lag[t, u] = u - t
+    discount = torch.where(lag >= 0, (gamma * lam) ** lag.clamp(min=0), 0.0)
+    advantages = deltas @ discount.T
+    return advantages * mask, (advantages + values) * mask
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(x, mask):
+    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+
+
+def whiten(x, mask):
+    """(x - mean) / std over the masked entries of the rollout batch."""
+    return (x - masked_mean(x, mask)) * torch.rsqrt(masked_var(x, mask) + 1e-8) * mask
+
+
+def logprobs_of(logits, tokens, temperature):
+    """Log-probabilities of `tokens` under the distribution they were sampled from."""
+    # Implementation detail: the sampling distribution is softmax(logits / temperature).
+    log_p = torch.log_softmax(logits.float() / temperature, -1)
+    return log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
+    """Clipped surrogate: mean of max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))."""
+    ratio = (logprobs - old_logprobs).exp()
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    return masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+
+
+def value_loss(values, old_values, returns, mask, clip):
+    """Clipped value loss: 0.5 mean of max((V - R)^2, (V_clipped - R)^2), the new value kept
+    within `clip` of the value at rollout time."""
+    v_clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training the segment reward model (sections 1-3): cached reference entropies, Bradley-Terry on
+# segment scores, held-out accuracy each epoch, and the location-aware normalizer fitted at the end.
+
+
+def train_rm(args):
+    accelerator = make_accelerator(args)
+    model_path = args.model or toy_sft_model()
+    tokenizer = load_tokenizer(model_path)
+    ds = rm_pairs(args, tokenizer)
+    if not 0 < args.eval_size < len(ds):
+        fail(f"--eval-size {args.eval_size} must be between 1 and the {len(ds)} usable pairs - 1")
+    prepare_output_dir(
+        args, "train-rm", accelerator
+    )  # input checked: from here on, files are written
+    model, optimizer, scheduler, train_loader, eval_loader, split = rm_setup(
+        args, accelerator, model_path, tokenizer, ds
+    )
+    # Where training stands: optimizer steps, epoch, batches done in it, the epoch's loss so far.
+    start_state = {"step": 0, "epoch": 0, "batch": 0, "loss_sum": 0.0}
+    state = (load_checkpoint(accelerator, args) if args.resume else None) or start_state
+    step, per_epoch = state["step"], len(train_loader)
+    done_before = state["epoch"] * per_epoch + state["batch"]
+    bar = tqdm(total=args.epochs * per_epoch, initial=done_before, desc="train-rm", disable=quiet())
+    model.train()
+    for epoch in range(state["epoch"], args.epochs):
+        done = state["batch"] if epoch == state["epoch"] else 0
+        loss_sum = torch.tensor(state["loss_sum"] if done else 0.0, device=accelerator.device)
+        start = time.perf_counter()
+        train_loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(train_loader, done) if done else train_loader
+        for i, batch in enumerate(batches, start=done + 1):
+            with accelerator.accumulate(model):
+                _, _, scores = rm_forward(model, batch, args.entropy_threshold)
+                chosen, rejected = scores.chunk(2)  # chosen rows first, then rejected
+                loss = bradley_terry_loss(chosen, rejected)
+                loss_sum += loss.detach()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    check_finite(accelerator, loss_sum, "loss", step + 1, args)
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            bar.update()
+            step += accelerator.sync_gradients
+            if accelerator.sync_gradients and args.save_every and step % args.save_every == 0:
+                where = {"step": step, "epoch": epoch, "batch": i, "loss_sum": loss_sum.item()}
+                save_checkpoint(accelerator, args, where)
+            if bar.n % 20 == 0:  # a host sync only now and then
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        metrics = {"epoch": epoch + 1, "step": step, "processes": accelerator.num_processes}
+        metrics["rm/loss"] = accelerator.reduce(loss_sum, "mean").item() / per_epoch
+        metrics["time/epoch_s"] = time.perf_counter() - start
+        metrics.update(evaluate_rm(model, eval_loader, args.entropy_threshold, accelerator))
+        log_metrics(args, accelerator, metrics)
+        if accelerator.is_main_process:
+            bar.write(json.dumps(metrics))
+    save_reward_model(args, accelerator, model, tokenizer, model_path, split["train"])
+    return {
+        "eval_accuracy": round(metrics["rm/accuracy"], 4),
+        "rm/loss": round(metrics["rm/loss"], 4),
+        "segment/per_response": round(metrics["segment/per_response"], 2),
+        "output_dir": args.output_dir,
+        "entropy_threshold": args.entropy_threshold,
+    }
+
+
+def rm_setup(args, accelerator, model_path, tokenizer, ds):
+    """Reference entropies (cached), train / eval split, loaders, the value model and optimizer."""
+    bandit = math.isinf(args.entropy_threshold)
+    ds = ds if bandit else add_entropies(ds, args, accelerator, model_path, tokenizer)
+    split = ds.train_test_split(test_size=args.eval_size, seed=args.seed)
+    collate = pair_collate(tokenizer.pad_token_id, bandit)
+    batch = args.batch_size // args.grad_accum
+    # The loader gets its own generator, not the global RNG (see ppo_setup).
+    train_loader = torch.utils.data.DataLoader(
+        split["train"], batch, shuffle=True, collate_fn=collate, generator=torch.Generator()
+    )
+    eval_loader = torch.utils.data.DataLoader(split["test"], batch, collate_fn=collate)
+    set_seed(args.seed)  # the head's random init must not depend on what ran before in the process
+    model = load_model(model_path, "value", args.bf16 and args.lora_rank > 0)
+    model = trainable(model, args, "value")
+    steps = args.epochs * math.ceil(len(train_loader) / args.grad_accum)
+    optimizer, scheduler = make_optimizer(model, args, steps)
+    prepared = accelerator.prepare(model, optimizer, train_loader, eval_loader, scheduler)
+    model, optimizer, train_loader, eval_loader, scheduler = prepared
+    return model, optimizer, scheduler, train_loader, eval_loader, split
+
+
+def rm_forward(model, batch, threshold):
+    """Per-token values, segment ends and segment scores of a (2B, T) pair batch."""
+    values = token_values(model, batch["input_ids"], batch["attention_mask"])
+    ends = segment_ends(batch["entropy"], batch["content_mask"], threshold)
+    return values, ends, segment_scores(values, ends)
+
+
+@torch.no_grad()
+def evaluate_rm(model, loader, threshold, accelerator):
+    """Held-out accuracy, mean chosen / rejected score, segments per response and their length."""
+    model.eval()
+    sums = {"right": 0.0, "chosen": 0.0, "rejected": 0.0, "ends": 0.0, "tokens": 0.0, "pairs": 0.0}
+    for batch in loader:
+        _, ends, scores = rm_forward(model, batch, threshold)
+        chosen, rejected = scores.chunk(2)
+        sums["right"] += (chosen > rejected).float().sum()
+        sums["chosen"] += chosen.sum()
+        sums["rejected"] += rejected.sum()
+        sums["ends"] += ends.sum()
+        sums["tokens"] += batch["content_mask"].sum()
+        sums["pairs"] += len(chosen)
+    s = reduce_dict(accelerator, sums, "sum")
+    model.train()
+    return {
+        "rm/accuracy": s["right"] / s["pairs"],
+        "rm/chosen_score": s["chosen"] / s["pairs"],
+        "rm/rejected_score": s["rejected"] / s["pairs"],
+        "segment/per_response": s["ends"] / (2 * s["pairs"]),
+        "segment/mean_length": s["tokens"] / max(s["ends"], 1),
+    }
+
+
+@torch.no_grad()
+def collect_segment_rewards(model, loader, threshold, accelerator):
+    """Score every response in `loader`: 1-D segment positions and rewards, (N,) scores."""
+    model.eval()
+    positions, rewards, scores = [], [], []
+    for batch in loader:  # plain gather: gather_for_metrics would cut a 2B-row pair batch to B
+        values, ends, score = rm_forward(model, batch, threshold)
+        pad = accelerator.pad_across_processes
+        pos = accelerator.gather(pad(segment_positions(ends), dim=1))
+        val = accelerator.gather(pad(values * ends, dim=1))
+        positions.append(pos[pos > 0].cpu())
+        rewards.append(val[pos > 0].cpu())
+        scores.append(accelerator.gather(score).cpu())
+    model.train()
+    return torch.cat(positions), torch.cat(rewards), torch.cat(scores)
+
+
+def normalizer_settings(positions, rewards, scores):
+    """What PPO needs to normalize: the location-aware fit, and the scalar mean / std (bandit)."""
+    return {
+        "normalizer": list(fit_location_normalizer(positions, rewards)),
+        "min_position": positions.min().item(),
+        "mean": scores.mean().item(),
+        "std": scores.std().item(),
+        "norm_samples": len(scores),
+    }
+
+
+def save_reward_model(args, accelerator, model, tokenizer, model_path, train_ds):
+    """Fit the normalizer on (a sample of) the training responses, save model and settings."""
+    n = min(args.norm_samples or len(train_ds), len(train_ds))
+    collate = pair_collate(tokenizer.pad_token_id, math.isinf(args.entropy_threshold))
+    batch = args.batch_size // args.grad_accum
+    loader = torch.utils.data.DataLoader(train_ds.select(range(n)), batch, collate_fn=collate)
+    loader = accelerator.prepare(loader)
+    stats = collect_segment_rewards(model, loader, args.entropy_threshold, accelerator)
+    save_model(accelerator, model, tokenizer, args.output_dir)
+    local = os.path.isdir(model_path)
+    settings = {
+        "entropy_threshold": args.entropy_threshold,
+        "reference_model": os.path.abspath(model_path) if local else model_path,
+        "end_token": args.end_token or tokenizer.eos_token,
+        **normalizer_settings(*stats),
+    }
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, SETTINGS_FILE), "w") as f:
+            json.dump(settings, f, indent=1)
+
+
+def fit_norm(args):
+    """Fit (or refit) the normalizer of an existing reward model and save it in its settings."""
+    accelerator = make_accelerator(args)
+    settings = load_rm_settings(args.reward_model)
+    threshold = settings["entropy_threshold"]
+    tokenizer = load_tokenizer(args.reward_model)
+    args.end_token = args.end_token or settings["end_token"]
+    ds = rm_pairs(args, tokenizer)
+    if not math.isinf(threshold):
+        ds = add_entropies(ds, args, accelerator, settings["reference_model"], tokenizer)
+    ds = ds.select(range(min(args.norm_samples or len(ds), len(ds))))
+    collate = pair_collate(tokenizer.pad_token_id, math.isinf(threshold))
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, collate_fn=collate)
+    loader = accelerator.prepare(loader)
+    model = load_model(args.reward_model, "value", args.bf16).to(accelerator.device)
+    positions, rewards, scores = collect_segment_rewards(model, loader, threshold, accelerator)
+    settings.update(normalizer_settings(positions, rewards, scores))
+    if accelerator.is_main_process:
+        with open(os.path.join(args.reward_model, SETTINGS_FILE), "w") as f:
+            json.dump(settings, f, indent=1)
+        if args.plot:
+            plot_normalizer(args.plot, positions, rewards, settings["normalizer"])
+    keys = ("normalizer", "mean", "std", "norm_samples")
+    return {**{k: settings[k] for k in keys}, "output_dir": args.reward_model}
+
+
+# ----------------------------------------------------------------------------------------------
+# PPO against dense segment rewards (sections 4-5). Each iteration: sample a rollout batch and
+# score it (one reference forward gives both the KL log-probs and the segmenting entropies), GAE,
+# whitened advantages, epochs of clipped mini-batch updates, one metrics row.
+
+
+def ppo(args):
+    run = ppo_setup(args)
+    accelerator, policy, critic, loader = run.accelerator, run.policy, run.critic, run.loader
+    state = load_checkpoint(accelerator, args) if args.resume else None
+    if state is None:
+        state = {"step": 0, "before": evaluate_policy(run, args)}
+    before, metrics = state["before"], state.get("metrics", {})
+    bar = tqdm(range(state["step"], args.steps), desc="ppo", disable=quiet())
+    for step in bar:
+        start = time.perf_counter()
+        epoch, i = divmod(step, len(loader))  # a pass over the prompts is an epoch of the loader
+        if i == 0 or step == state["step"]:
+            loader.set_epoch(epoch)
+            batches = iter(accelerator.skip_first_batches(loader, i) if i else loader)
+        batch = next(batches)
+        # 1. Rollout: sample, then score: old log-probs, values, dense rewards, KL, advantages.
+        policy.eval()
+        critic.eval()
+        chunks = zip(*(batch[k].split(args.rollout_chunk) for k in ("input_ids", "attention_mask")))
+        parts = [rollout(run, ids, mask, args) for ids, mask in chunks]
+        data = {k: cat_padded([part[k] for part in parts]) for k in parts[0]}
+        check_finite(accelerator, data["dense"], "reward", step + 1, args)
+        data["advantages"] = whiten(data["advantages"], data["mask"])
+        # 2. Epochs of clipped mini-batch updates over the rollout batch.
+        policy.train()
+        critic.train()
+        stats = []
+        for _ in range(args.ppo_epochs):
+            for idx in torch.randperm(len(data["seq"]), device=data["seq"].device).split(
+                args.micro_batch
+            ):
+                mini = {k: v[idx] for k, v in data.items()}
+                stats.append(ppo_update(run, mini, args, batch["input_ids"].shape[1], step + 1))
+        run.sched_p.step()
+        run.sched_c.step()
+        # 3. Log: rollout statistics, losses and diagnostics, a sample now and then.
+        metrics = ppo_metrics(run, data, stats, batch["prompt_text"], args)
+        log_metrics(args, accelerator, {"step": step + 1, **metrics, "time/step_s": lap(start)})
+        bar.set_postfix(reward=f"{metrics['ppo/reward']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
+        if accelerator.is_main_process and (step + 1) % max(1, args.steps // 4) == 0:
+            bar.write(sample_table(run.tokenizer, data, 0))
+        if args.save_every and (step + 1) % args.save_every == 0:
+            where = {"step": step + 1, "before": before, "metrics": metrics}
+            save_checkpoint(accelerator, args, where)
+    after = evaluate_policy(run, args)
+    save_model(accelerator, policy, run.tokenizer, args.output_dir)
+    result = {
+        "reward_before": round(before["reward"], 4),
+        "reward_after": round(after["reward"], 4),
+    }
+    if not args.dataset:
+        for key in ("toy_score", "flawed_rate"):
+            result[f"{key}_before"] = round(before[key], 4)
+            result[f"{key}_after"] = round(after[key], 4)
+    kl = round(metrics["ppo/kl"], 4)
+    return {**result, "kl": kl, "reward_mode": args.reward_mode, "output_dir": args.output_dir}
+
+
+@torch.no_grad()
+def generate(policy, prompt_ids, prompt_mask, args, stop_ids, pad_id):
+    """Sample responses. Returns prompt + response ids (`seq`) and mask (`attn`), the (B, R)
+    `response`, its `mask` up to and including the first stop token, that `stop` token, and
+    whether each row `stopped` at all."""
+    out = unwrap(policy).generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        do_sample=True,
+        top_k=0,
+        top_p=args.top_p,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_id,
+    )
+    response = out[:, prompt_ids.shape[1] :]
+    is_stop = torch.isin(response, torch.tensor(stop_ids, device=response.device))
+    # Implementation detail: everything after the first stop token is masked (padding or junk).
+    mask = (is_stop.long().cumsum(-1) - is_stop.long()) == 0
+    attn = torch.cat([prompt_mask, mask.long()], 1)
+    stopped = is_stop.any(-1)
+    return {
+        "seq": out,
+        "attn": attn,
+        "response": response,
+        "mask": mask,
+        "stop": is_stop & mask,
+        "stopped": stopped,
+    }
+
+
+@torch.no_grad()
+def score_responses(run, sample, args):
+    """One reference forward gives the KL log-probs and the entropies that segment the responses;
+    one reward-model forward gives the segment rewards. Returns (B, R) reference log-probs and
+    dense rewards, the segment ends and the raw (B,) reward-model score."""
+    seq, attn, response, mask = sample["seq"], sample["attn"], sample["response"], sample["mask"]
+    P = seq.shape[1] - response.shape[1]
+    logits = run.ref_logits(seq, attn)
+    ref_logprobs = logprobs_of(logits[:, P - 1 : -1], response, args.temperature)
+    bandit = args.reward_mode == "bandit"  # one segment: no entropies needed
+    entropy = torch.zeros_like(ref_logprobs) if bandit else token_entropy(logits[:, P:])
+    rm_values = token_values(run.rm, seq, attn)[:, P:]
+    threshold = 0.0 if args.reward_mode == "token" else run.settings["entropy_threshold"]
+    norm = run.settings if args.location_norm else None
+    dense, ends, score = dense_rewards(
+        rm_values,
+        entropy,
+        mask,
+        sample["stop"],
+        args.reward_mode,
+        threshold,
+        norm,
+        args.interpolation,
+    )
+    last = mask & (mask.long().cumsum(-1) == mask.sum(-1, keepdim=True))
+    dense = dense - args.missing_eos_penalty * (last & ~sample["stopped"][:, None])
+    return ref_logprobs, dense, ends, score
+
+
+@torch.no_grad()
+def rollout(run, prompt_ids, prompt_mask, args):
+    """One rollout chunk: responses, old log-probs, values, rewards, advantages, returns (B, R)."""
+    sample = generate(run.policy, prompt_ids, prompt_mask, args, run.stop_ids, run.pad_id)
+    seq, attn, mask = sample["seq"], sample["attn"], sample["mask"]
+    P = prompt_ids.shape[1]
+    logits = forward(run.policy, seq, attn).logits[:, P - 1 : -1]
+    old_logprobs = logprobs_of(logits, sample["response"], args.temperature)
+    values = token_values(run.critic, seq, attn)[:, P - 1 : -1] * mask
+    ref_logprobs, dense, ends, score = score_responses(run, sample, args)
+    rewards, kl = kl_penalized_rewards(dense, old_logprobs, ref_logprobs, mask, args.beta)
+    advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
+    return {
+        **sample,
+        "mask": mask.float(),
+        "old_logprobs": old_logprobs,
+        "values": values,
+        "advantages": advantages,
+        "returns": returns,
+        "score": score,
+        "kl": kl.sum(-1),
+        "ends": ends,
+        "dense": dense,
+        "stopped": sample["stopped"].float(),
+    }
+
+
+def ppo_update(run, batch, args, P, step):
+    """One clipped policy step and one clipped value step on a mini-batch; their statistics."""
+    mask = batch["mask"]
+    with run.accelerator.accumulate(run.policy, run.critic):
+        logits = forward(run.policy, batch["seq"], batch["attn"]).logits[:, P - 1 : -1]
+        logprobs = logprobs_of(logits, batch["response"], args.temperature)
+        pg_loss = policy_loss(
+            logprobs, batch["old_logprobs"], batch["advantages"], mask, args.clip_eps
+        )
+        values = token_values(run.critic, batch["seq"], batch["attn"])[:, P - 1 : -1]
+        v_loss = value_loss(values, batch["values"], batch["returns"], mask, args.value_clip)
+        check_finite(run.accelerator, pg_loss + v_loss, "PPO loss", step, args)
+        run.accelerator.backward(pg_loss + v_loss)  # disjoint parameters: one backward serves both
+        run.accelerator.clip_grad_norm_(run.policy.parameters(), 1.0)
+        run.accelerator.clip_grad_norm_(run.critic.parameters(), 1.0)
+        for optimizer in (run.opt_p, run.opt_c):
+            optimizer.step()
+            optimizer.zero_grad()
+    with torch.no_grad():
+        log_ratio = logprobs - batch["old_logprobs"]
+        return {
+            "losses/policy": pg_loss.detach(),
+            "losses/value": v_loss.detach(),
+            "ppo/clipfrac": masked_mean(
+                ((log_ratio.exp() - 1).abs() > args.clip_eps).float(), mask
+            ),
+            "ppo/entropy": masked_mean(token_entropy(logits.float() / args.temperature), mask),
+            # k3 estimator of KL(old || new): E[(r - 1) - log r], r = pi_new / pi_old, always >= 0
+            "ppo/approx_kl": masked_mean(log_ratio.exp() - 1 - log_ratio, mask),
+            "ppo/value_clipfrac": masked_mean(
+                ((values - batch["values"]).abs() > args.value_clip).float(), mask
+            ),
+        }
+
+
+def ppo_metrics(run, data, stats, prompts, args):
+    """One metrics row, averaged over the processes: rollout, losses, diagnostics, toy score."""
+    mask, ends = data["mask"], data["ends"].float()
+    residual = masked_var(data["returns"] - data["values"], mask)
+    m = {
+        "ppo/reward": data["score"].mean(),
+        "ppo/kl": data["kl"].mean(),
+        "ppo/response_length": mask.sum(-1).mean(),
+        "segment/per_response": ends.sum(-1).mean(),
+        "segment/mean_length": mask.sum() / ends.sum().clamp(min=1),
+        "ppo/stopped": data["stopped"].mean(),
+        **{k: torch.stack([s[k] for s in stats]).mean() for k in stats[0]},
+        # explained variance of the critic: 1 - Var(returns - values) / Var(returns)
+        "ppo/explained_variance": 1 - residual / masked_var(data["returns"], mask).clamp(min=1e-8),
+    }
+    if not args.dataset:  # the exact checker exists for the toy task only
+        texts = decode_responses(run.tokenizer, data["response"], mask, data["stop"])
+        toy = [toy_score(p, t) for p, t in zip(prompts, texts)]
+        m["ppo/toy_score"] = torch.tensor(sum(toy) / len(toy), device=mask.device)
+    return reduce_dict(run.accelerator, m, "mean")
+
+
+@torch.no_grad()
+def evaluate_policy(run, args):
+    """Mean reward-model score, exact toy score (toy task only) and flawed rate on held-out
+    prompts, with the same sampling noise before and after training."""
+    torch.manual_seed(args.seed + 1)
+    scores, toy = [], []
+    for batch in run.eval_loader:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        sample = generate(run.policy, ids, mask, args, run.stop_ids, run.pad_id)
+        score = score_responses(run, sample, args)[3]
+        scores.append(run.accelerator.gather_for_metrics(score))
+        texts = decode_responses(run.tokenizer, sample["response"], sample["mask"], sample["stop"])
+        toy += [toy_score(p, t) for p, t in zip(batch["prompt_text"], texts)]
+    out = {"reward": torch.cat(scores).mean().item()}
+    if not args.dataset:
+        toy = torch.tensor(run.accelerator.gather_for_metrics(toy), dtype=torch.float)
+        out.update(toy_score=toy.mean().item(), flawed_rate=(toy < 1).float().mean().item())
+    return out
+
+
+def ppo_setup(args):
+    """Everything PPO needs: prompts, the four models, optimizers, schedules, stop ids."""
+    settings = ensure_reward_model(args)
+    accelerator = make_accelerator(args)
+    model_path = args.model or settings["reference_model"]
+    tokenizer = load_tokenizer(model_path)
+    if tokenizer.get_vocab() != load_tokenizer(args.reward_model).get_vocab():
+        fail(
+            f"the reward model {args.reward_model} and the policy {model_path} use different "
+            "tokenizers; they must share one"
+        )
+    tokenizer.padding_side = "left"  # Implementation detail: batched generation pads on the left
+    end_id = end_token_id(tokenizer, args.end_token or settings["end_token"])
+    train_ds, eval_ds = prompt_splits(args, tokenizer)
+    if args.episodes > 0:
+        args.steps = max(1, int(args.episodes * len(train_ds)) // args.batch_size)
+    collate = prompt_collate(tokenizer)
+    # The loaders get their own generator: drawing from the global RNG that sampling uses would
+    # make a resumed run sample differently from an uninterrupted one. The order is set per epoch.
+    loader = torch.utils.data.DataLoader(
+        train_ds,
+        args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate,
+        generator=torch.Generator(),
+    )
+    eval_loader = torch.utils.data.DataLoader(eval_ds, args.rollout_chunk, collate_fn=collate)
+    prepare_output_dir(args, "ppo", accelerator)  # input checked: from here on, files are written
+    run = types.SimpleNamespace(accelerator=accelerator, tokenizer=tokenizer, settings=settings)
+    load_ppo_models(run, args, model_path)
+    run.stop_ids = stop_token_ids(run.policy, end_id)
+    run.pad_id = tokenizer.pad_token_id
+    run.opt_p, run.sched_p = make_optimizer(run.policy, args, args.steps)
+    critic_args = dataclasses.replace(args, lr=args.critic_lr)
+    run.opt_c, run.sched_c = make_optimizer(run.critic, critic_args, args.steps)
+    # One model per prepare call: FSDP wraps models one at a time.
+    run.policy, run.opt_p = accelerator.prepare(run.policy, run.opt_p)
+    run.critic, run.opt_c = accelerator.prepare(run.critic, run.opt_c)
+    run.loader, run.eval_loader = accelerator.prepare(loader, eval_loader)
+    accelerator.register_for_checkpointing(run.sched_p, run.sched_c)
+    return run
+
+
+def load_ppo_models(run, args, model_path):
+    """Actor = SFT policy; critic = SFT backbone + zero head; frozen reward model; reference =
+    frozen SFT policy (with LoRA: the policy with its adapters off, no second copy)."""
+    frozen_bf16 = args.bf16 and args.lora_rank > 0  # LoRA: base weights never train, keep bf16
+    run.policy = load_model(model_path, bf16=frozen_bf16)
+    run.critic = load_model(model_path, "value", frozen_bf16)
+    torch.nn.init.zeros_(run.critic.score.weight)  # Implementation detail: a fresh head starts at 0
+    run.policy = trainable(run.policy, args, "causal")
+    run.critic = trainable(run.critic, args, "value")
+    device = run.accelerator.device
+    run.rm = (
+        load_model(args.reward_model, "value", args.bf16).eval().requires_grad_(False).to(device)
+    )
+    if args.lora_rank:
+
+        def ref_logits(seq, attn):
+            with unwrap(run.policy).disable_adapter():
+                return forward(run.policy, seq, attn).logits
+
+    else:
+        ref = load_model(model_path, bf16=args.bf16).eval().requires_grad_(False).to(device)
+
+        def ref_logits(seq, attn):
+            return forward(ref, seq, attn).logits
+
+    run.ref_logits = ref_logits
+
+
+# ----------------------------------------------------------------------------------------------
+# SFT: the toy's first stage (the paper starts from released SFT models). Loss on response tokens.
+
+
+def sft(args):
+    if args.save_every or args.resume:
+        fail(
+            "sft has no checkpoints (it is the toy's quick first stage); "
+            "--save-every / --resume are for train-rm and ppo"
+        )
+    accelerator = make_accelerator(args)
+    if args.model:
+        tokenizer, model = load_tokenizer(args.model), load_model(args.model)
+    else:
+        tokenizer = build_toy_tokenizer()
+        model = build_toy_model(tokenizer)
+    loader = sft_loader(args, tokenizer)
+    total = args.epochs * math.ceil(len(loader) / args.grad_accum)
+    optimizer, scheduler = make_optimizer(model, args, total)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    prepare_output_dir(args, "sft", accelerator)
+    model.train()
+    bar = tqdm(total=args.epochs * len(loader), desc="sft", disable=quiet())
+    for epoch in range(args.epochs):
+        for batch in loader:
+            with accelerator.accumulate(model):
+                out = forward(
+                    model, batch["input_ids"], batch["attention_mask"], labels=batch["labels"]
+                )
+                accelerator.backward(out.loss)
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            bar.update()
+            if bar.n % 20 == 0:  # a host sync only now and then
+                bar.set_postfix(loss=f"{out.loss.item():.3f}")
+        log_metrics(args, accelerator, {"epoch": epoch + 1, "sft/loss": out.loss.item()})
+    save_model(accelerator, model, tokenizer, args.output_dir)
+    return {"sft/loss": round(out.loss.item(), 4), "output_dir": args.output_dir}
+
+
+def sft_loader(args, tokenizer):
+    """SFT examples (the toy's, or a dataset's `completion` / `chosen`): labels on the response."""
+    if args.dataset:
+        ds = load_rows(args.dataset)
+    else:
+        ds = datasets.Dataset.from_list(toy_sft_rows(3000, args.flawed_fraction, args.seed))
+    key = "completion" if "completion" in ds.column_names else "chosen"
+    check_columns(ds, [key])
+    end_id = end_token_id(tokenizer, args.end_token)
+
+    def encode_row(row):
+        messages, response = split_conversation(row, key)
+        prompt_ids, response_ids = encode(
+            tokenizer, messages, response, args.max_prompt_len, end_id
+        )
+        ids = (prompt_ids + response_ids)[: args.max_len]
+        return {
+            "input_ids": ids,
+            "labels": ([-100] * len(prompt_ids) + response_ids)[: args.max_len],
+        }
+
+    def collate(rows):
+        ids = [r["input_ids"] for r in rows]
+        return {
+            "input_ids": pad_right(ids, tokenizer.pad_token_id),
+            "labels": pad_right([r["labels"] for r in rows], -100),
+            "attention_mask": pad_right([[1] * len(i) for i in ids], 0),
+        }
+
+    ds = ds.map(encode_row, remove_columns=ds.column_names)
+    batch = args.batch_size // args.grad_accum
+    return torch.utils.data.DataLoader(ds, batch, shuffle=True, collate_fn=collate)
 
 
 # ----------------------------------------------------------------------------------------------
 # The embedded toy task: "Name 4 fruits." -> "Here are 4 fruits: apple, plum, kiwi, fig."
-# Quality is local to a segment: a flawed answer has one wrong item, a duplicate, or the wrong count.
+# Quality is local to a segment: a flawed answer has one wrong item, a repeat, or the wrong count.
 
+TOY_SFT, TOY_RM, TOY_PPO = "runs/toy-sft", "runs/toy-rm", "runs/toy-ppo"
 CATEGORIES = {
     "fruits": ["apple", "plum", "kiwi", "fig", "pear", "mango", "lemon", "grape"],
     "colors": ["red", "blue", "green", "black", "white", "pink", "brown", "gray"],
@@ -179,10 +997,10 @@ def toy_prompt(rng):
 
 def toy_response(rng, n, category, flaw=None):
     """A correct answer lists n distinct items of the category in alphabetical order (so a 1M model
-    avoids repeats by looking at the previous item only); a flawed one has a 'wrong' item (another
-    category's), a 'duplicate' item, a 'count' off by one, a 'garbled' item (random letters) or a 'stray'
-    piece of the header in an item's place. The last two are there so that the reward model has seen text
-    that is no item at all: PPO finds every kind of text the reward model never saw (README)."""
+    avoids repeats by looking at the previous item only). A flawed one has a 'wrong' item (another
+    category's), a 'duplicate' item, a 'count' off by one, a 'garbled' item (random letters) or a
+    'stray' piece of the header in an item's place. The last two show the reward model text that
+    is no item at all: PPO finds every kind of text the reward model never saw."""
     k = n + (rng.choice((-1, 1)) if flaw == "count" else 0)
     items = sorted(rng.sample(CATEGORIES[category], k))
     if flaw == "wrong":
@@ -192,9 +1010,12 @@ def toy_response(rng, n, category, flaw=None):
         i = rng.randrange(1, n)
         items[i] = items[i - 1]
     elif flaw == "garbled":
-        items[rng.randrange(n)] = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 7)))
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        items[rng.randrange(n)] = "".join(rng.choice(letters) for _ in range(rng.randint(2, 7)))
     elif flaw == "stray":
-        items[rng.randrange(n)] = rng.choice([f"{n} {category}:", category, str(rng.choice(TOY_COUNTS))])
+        items[rng.randrange(n)] = rng.choice(
+            [f"{n} {category}:", category, str(rng.choice(TOY_COUNTS))]
+        )
     return f"Here are {n} {category}: {', '.join(items)}."
 
 
@@ -209,8 +1030,8 @@ def toy_score(prompt, response):
 
 
 def toy_preference_rows(n, seed=0):
-    """Pairs (prompt, chosen, rejected): chosen is correct, rejected is the same answer with one flaw,
-    so the preference is decided inside one segment."""
+    """Pairs (prompt, chosen, rejected): chosen is correct, rejected is the same answer with one
+    flaw, so the preference is decided inside one segment."""
     rng, rows = random.Random(seed), []
     for _ in range(n):
         prompt, k, category = toy_prompt(rng)
@@ -239,53 +1060,83 @@ def toy_prompt_rows(n, seed=0):
 
 def build_toy_tokenizer():
     """A byte-level BPE trained on the toy corpus, with a chat template: toy and hub models then
-    share every code path (apply_chat_template, eos handling, padding)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = [r["prompt"] + " " + r["chosen"] + " " + r["rejected"] for r in toy_preference_rows(2000, seed=123)]
+    share every code path (apply_chat_template, end token, padding)."""
+    rows = toy_preference_rows(2000, seed=123)
+    corpus = [r["prompt"] + " " + r["chosen"] + " " + r["rejected"] for r in rows]
     special = ["<pad>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=512, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|end|>",
-                                   chat_template=TOY_CHAT_TEMPLATE)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=special, initial_alphabet=alphabet)
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<|end|>",
+        chat_template=TOY_CHAT_TEMPLATE,
+    )
 
 
 def build_toy_model(tokenizer):
-    """A ~1M-parameter Llama from a config: no download."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    """A ~0.8M-parameter Llama from a config: no download."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
     return LlamaForCausalLM(config)
 
 
+def toy_sft_model():
+    """The toy SFT model, trained on first use."""
+    if not os.path.exists(os.path.join(TOY_SFT, "config.json")):
+        print(f"building the toy SFT model in {TOY_SFT} ...", file=sys.stderr)
+        sft(resolve("sft", SFTArgs(overwrite=True)))
+    return TOY_SFT
+
+
 # ----------------------------------------------------------------------------------------------
-# Data: preference datasets in both layouts, chat template, EOS appended, lengths checked.
+# Plumbing from here on. Data: preference and prompt datasets in the standard and conversational
+# layouts, chat template, end token appended, lengths checked, reference entropies cached.
+
+SETTINGS_FILE = (
+    "segment_rlhf.json"  # segmentation settings + normalizer, saved beside a reward model
+)
+
+
+def fail(msg):
+    """Bad input: one clear line and a non-zero exit, never a traceback."""
+    raise SystemExit(f"segment_rlhf: error: {msg}")
 
 
 def load_rows(name, split="train"):
     """A hub id or a local json/jsonl/parquet file, through `datasets`."""
-    import datasets
-
     ext = os.path.splitext(name)[1].lstrip(".")
     if ext in ("json", "jsonl", "parquet"):
         if not os.path.exists(name):
             fail(f"dataset file {name} does not exist")
+        builder = "parquet" if ext == "parquet" else "json"
         try:
-            ds = datasets.load_dataset("parquet" if ext == "parquet" else "json", data_files=name, split="train")
-        except (datasets.exceptions.DatasetGenerationError, StopIteration):  # unparsable, or no rows at all
+            ds = datasets.load_dataset(builder, data_files=name, split="train")
+        except (datasets.exceptions.DatasetGenerationError, StopIteration):  # unparsable, or empty
             fail(f"could not read {name}: it must hold {ext} records, one per example")
     elif os.path.isdir(name) or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         try:
             ds = datasets.load_dataset(name, split=split)
         except (FileNotFoundError, ConnectionError, OSError, ValueError) as e:
-            fail(f"could not load dataset {name!r} ({type(e).__name__}); pass a hub id, a directory or a .json/.jsonl/.parquet file")
+            fail(
+                f"could not load dataset {name!r} ({type(e).__name__}); pass a hub id, a "
+                "directory or a .json/.jsonl/.parquet file"
+            )
     else:
         fail(f"dataset {name!r} is neither a hub id (org/name) nor a .json/.jsonl/.parquet file")
     if len(ds) == 0:
@@ -305,7 +1156,8 @@ def split_conversation(row, key):
         prompt = row.get("prompt")
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         response = value
-    if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages) or not isinstance(response, str):
+    strings = all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
+    if not strings or not isinstance(response, str):
         fail(f"column {key!r}: message contents must be strings")
     return messages, response
 
@@ -314,7 +1166,10 @@ def check_columns(ds, keys):
     """Standard layout needs `prompt` + keys; conversational needs only keys (message lists)."""
     missing = [k for k in keys if k not in ds.column_names]
     if missing or (not isinstance(ds[0][keys[0]], list) and "prompt" not in ds.column_names):
-        fail(f"dataset needs columns {['prompt', *keys]} (or conversational {keys}); found {ds.column_names}")
+        fail(
+            f"dataset needs columns {['prompt', *keys]} (or conversational {keys}); "
+            f"found {ds.column_names}"
+        )
 
 
 def encode(tokenizer, messages, response, max_prompt_len, end_id):
@@ -339,8 +1194,193 @@ def pad_right(seqs, value):
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs])
 
 
+def prepare_pairs(ds, tokenizer, args, end_id):
+    """Token ids of prompt / chosen / rejected; unusable pairs are skipped and counted."""
+    check_columns(ds, ["chosen", "rejected"])
+
+    def encode_row(row):
+        messages, chosen = split_conversation(row, "chosen")
+        prompt_ids, chosen_ids = encode(tokenizer, messages, chosen, args.max_prompt_len, end_id)
+        rejected = split_conversation(row, "rejected")
+        _, rejected_ids = encode(tokenizer, *rejected, args.max_prompt_len, end_id)
+        skip = ""
+        if min(len(chosen_ids), len(rejected_ids)) < 2:
+            skip = "empty response"
+        elif chosen_ids == rejected_ids:
+            skip = "chosen identical to rejected"
+        elif len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > args.max_len:
+            skip = f"longer than --max-len {args.max_len}"
+        return {
+            "prompt_ids": prompt_ids,
+            "chosen_ids": chosen_ids,
+            "rejected_ids": rejected_ids,
+            "skip": skip,
+        }
+
+    ds = ds.map(encode_row, remove_columns=ds.column_names)
+    skipped = {reason: ds["skip"].count(reason) for reason in set(ds["skip"]) - {""}}
+    if skipped:
+        print(f"skipped pairs: {skipped}", file=sys.stderr)
+    ds = ds.filter(lambda r: not r["skip"]).remove_columns("skip")
+    if len(ds) == 0:
+        fail(f"no usable preference pairs left after filtering; skipped: {skipped}")
+    return ds
+
+
+def rm_pairs(args, tokenizer):
+    """The preference dataset (or the toy one), encoded and filtered."""
+    end_id = end_token_id(tokenizer, args.end_token)
+    if args.dataset:
+        ds = load_rows(args.dataset)
+    else:
+        ds = datasets.Dataset.from_list(toy_preference_rows(2200, args.seed))
+    return prepare_pairs(ds, tokenizer, args, end_id)
+
+
+@torch.no_grad()
+def reference_entropy(ref_model, input_ids, attention_mask, batch_size=64):
+    """(N, T) entropies of the frozen reference model, one no-grad forward per example."""
+    chunks = zip(input_ids.split(batch_size), attention_mask.split(batch_size))
+    entropies = [token_entropy(forward(ref_model, i, m).logits) for i, m in chunks]
+    return torch.cat(entropies) * attention_mask
+
+
+def add_entropies_batch(rows, ref_model, pad_id, device):
+    """datasets.map body: the reference entropy at every response token of chosen and rejected."""
+    out = {}
+    for key in ("chosen", "rejected"):
+        seqs = [p + r for p, r in zip(rows["prompt_ids"], rows[f"{key}_ids"])]
+        ids = pad_right(seqs, pad_id).to(device)
+        mask = pad_right([[1] * len(s) for s in seqs], 0).to(device)
+        ent = reference_entropy(ref_model, ids, mask).cpu()
+        spans = zip(ent, rows["prompt_ids"], seqs)
+        out[f"{key}_entropy"] = [e[len(p) : len(s)].tolist() for e, p, s in spans]
+    return out
+
+
+def add_entropies(ds, args, accelerator, model_path, tokenizer):
+    """Reference entropies for every pair, cached on disk with the data: segmentation depends only
+    on the frozen reference model, so it costs one forward per example for the whole run."""
+    # The cache key: the encoded data's fingerprint and the reference model (a retrained one too).
+    local = os.path.isdir(model_path)
+    stamp = os.path.getmtime(os.path.join(model_path, "config.json")) if local else 0
+    key = json.dumps([ds._fingerprint, os.path.abspath(model_path) if local else model_path, stamp])
+    name = f"entropy-{hashlib.sha1(key.encode()).hexdigest()[:16]}.arrow"
+    cache = os.path.join(args.output_dir, name)
+    with accelerator.main_process_first():  # the main process computes, the others read its file
+        ref = None
+        if not os.path.exists(cache):
+            ref = load_model(model_path, "causal", args.bf16).to(accelerator.device).eval()
+        return ds.map(
+            lambda rows: add_entropies_batch(rows, ref, tokenizer.pad_token_id, accelerator.device),
+            batched=True,
+            batch_size=64,
+            cache_file_name=cache,
+            new_fingerprint=name,
+            load_from_cache_file=True,
+            desc="reference entropies",
+        )
+
+
+def pair_collate(pad_id, bandit):
+    """Chosen rows then rejected rows in one (2B, T) batch. Content = the response minus its end
+    token, except for the bandit, whose one segment is read at the end token itself."""
+
+    def collate(rows):
+        prompts = [r["prompt_ids"] for r in rows] * 2
+        responses = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+        seqs = [p + r for p, r in zip(prompts, responses)]
+        start = torch.tensor([len(p) for p in prompts])[:, None]
+        stop = torch.tensor([len(s) for s in seqs])[:, None] - (0 if bandit else 1)
+        pos = torch.arange(max(len(s) for s in seqs))
+        batch = {
+            "input_ids": pad_right(seqs, pad_id),
+            "attention_mask": pad_right([[1] * len(s) for s in seqs], 0),
+            "content_mask": (pos >= start) & (pos < stop),
+        }
+        if "chosen_entropy" in rows[0]:
+            ents = [r["chosen_entropy"] for r in rows] + [r["rejected_entropy"] for r in rows]
+            ents = [[0.0] * len(p) + e for p, e in zip(prompts, ents)]
+            batch["entropy"] = pad_right(ents, 0.0)
+        else:
+            batch["entropy"] = torch.zeros(batch["input_ids"].shape)  # bandit: not needed
+        return batch
+
+    return collate
+
+
+def prompt_rows(ds):
+    """Prompt messages from a `prompt` column, or from a conversation minus its last turn."""
+    for key in ("prompt", "chosen", "messages"):
+        if key in ds.column_names:
+            break
+    else:
+        fail(
+            "prompt dataset needs a 'prompt' column or a conversational 'chosen' / 'messages'; "
+            f"found {ds.column_names}"
+        )
+
+    def to_messages(row):
+        value = row[key]
+        if isinstance(value, str) and key == "prompt":
+            return {"messages": [{"role": "user", "content": value}]}
+        if not isinstance(value, list) or not value:
+            fail(f"column {key!r} must hold a prompt string or a message list")
+        answered = key != "prompt" and value[-1].get("role") == "assistant"
+        return {"messages": value[:-1] if answered else value}
+
+    return ds.map(to_messages, remove_columns=ds.column_names)
+
+
+def prompt_splits(args, tokenizer):
+    """Toy prompts or a dataset's, chat-formatted; the last --eval-prompts rows are held out."""
+    if args.dataset:
+        ds = load_rows(args.dataset)
+    else:
+        ds = datasets.Dataset.from_list(
+            toy_prompt_rows(20 * args.batch_size + args.eval_prompts, args.seed)
+        )
+
+    def encode_prompt(row):
+        text = tokenizer.apply_chat_template(
+            row["messages"], add_generation_prompt=True, tokenize=False
+        )
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][-args.max_prompt_len :]
+        return {"prompt_text": row["messages"][-1]["content"], "input_ids": ids}
+
+    ds = prompt_rows(ds).map(encode_prompt)
+    if len(ds) <= args.eval_prompts + args.batch_size:
+        fail(
+            f"{len(ds)} prompts: need more than --eval-prompts ({args.eval_prompts}) + "
+            f"--batch-size ({args.batch_size})"
+        )
+    n_train = len(ds) - args.eval_prompts
+    return ds.select(range(n_train)), ds.select(range(n_train, len(ds)))
+
+
+def prompt_collate(tokenizer):
+    def collate(rows):
+        ids = tokenizer.pad({"input_ids": [r["input_ids"] for r in rows]}, return_tensors="pt")
+        return {**ids, "prompt_text": [r["prompt_text"] for r in rows]}
+
+    return collate
+
+
+def cat_padded(tensors):
+    """Concatenate rollout chunks along the batch, right-padding (B, T) tensors with 0."""
+    if tensors[0].dim() == 1:
+        return torch.cat(tensors)
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([F.pad(t, (0, width - t.shape[1])) for t in tensors])
+
+
+def decode_responses(tokenizer, response, mask, stop):
+    rows = zip(response, mask, stop)
+    return [tokenizer.decode(r[m.bool() & ~s], skip_special_tokens=True) for r, m, s in rows]
+
+
 # ----------------------------------------------------------------------------------------------
-# Models: tokenizer and model loading, dropout off, per-token values from a scalar head.
+# Models: loading with dropout off, forward with position ids, LoRA, optimizer, saving.
 
 
 def check_model_path(path):
@@ -349,52 +1389,50 @@ def check_model_path(path):
 
 
 def load_tokenizer(path):
-    from transformers import AutoTokenizer
-
     check_model_path(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as e:
         fail(f"could not load a tokenizer from {path!r}: {str(e).splitlines()[0]}")
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # pad == eos is fine: masks, not pad ids, mark padding
+        tokenizer.pad_token = tokenizer.eos_token  # pad == eos is fine: masks mark the padding
     if tokenizer.chat_template is None:
         fail(f"tokenizer of {path!r} has no chat template; use an instruct/SFT model")
     return tokenizer
 
 
 def load_model(path, kind="causal", bf16=False):
-    """kind: 'causal' (policy, reference) or 'value' (LM backbone + linear head -> 1, no bias: reward
-    model and critic, the layout of AutoModelForSequenceClassification(num_labels=1))."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
+    """kind: 'causal' (policy, reference) or 'value' (backbone + linear head -> 1, no bias:
+    reward model and critic, the layout of AutoModelForSequenceClassification(num_labels=1))."""
     check_model_path(path)
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     try:
         config = AutoConfig.from_pretrained(path, num_labels=1)
         for key, value in config.to_dict().items():
+            # Implementation detail: dropout off, else log-probs and values are noisy.
             if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
-                setattr(config, key, 0.0)  # Implementation detail: dropout off, else log-probs and values are noisy
-        auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
-        model = auto.from_pretrained(path, config=config, dtype=torch.bfloat16 if bf16 else torch.float32)
+                setattr(config, key, 0.0)
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        model = auto.from_pretrained(path, config=config, dtype=dtype)
     except OSError as e:
         fail(f"could not load model {path!r}: {str(e).splitlines()[0]}")
     if model.config.pad_token_id is None:
-        model.config.pad_token_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
+        eos = model.config.eos_token_id
+        model.config.pad_token_id = eos if isinstance(eos, int) else 0
     return model
 
 
 def forward(model, input_ids, attention_mask, **kwargs):
-    """One forward with position ids from the attention mask, so left- and right-padded rows agree."""
+    """One forward with position ids from the attention mask, so left- and right-padded rows
+    agree; no KV cache (training and scoring never reuse it)."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
-
-
-def token_values(model, input_ids, attention_mask):
-    """(B, T) head output at every position: the segment reward model's v[t] (PAPER §2), or the
-    critic's value. The pooled sequence-classification logit is not used: it reads one position."""
-    out = forward(model, input_ids, attention_mask, output_hidden_states=True)
-    head = unwrap(model).score
-    return head(out.hidden_states[-1].to(head.weight.dtype)).squeeze(-1).float()
+    return model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        **kwargs,
+    )
 
 
 def unwrap(model):
@@ -402,68 +1440,110 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
+def stop_token_ids(policy, end_id):
+    """The end token and every eos id of the generation config (an id, a list, or None)."""
+    eos = unwrap(policy).generation_config.eos_token_id
+    eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return sorted({end_id, *eos})
+
+
+def trainable(model, args, kind):
+    """Gradient checkpointing and LoRA adapters (peft) when asked for. LoRA on a value model also
+    trains its scalar head (peft's SEQ_CLS task keeps `score` trainable)."""
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        task = "CAUSAL_LM" if kind == "causal" else "SEQ_CLS"
+        config = LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            target_modules=args.lora_targets,
+            task_type=task,
+        )
+        model = get_peft_model(model, config)
+        for p in model.parameters():  # base weights stay frozen (bf16); what trains is fp32
+            p.data = p.data.float() if p.requires_grad else p.data
+    return model
+
+
+def make_optimizer(model, args, total_steps):
+    """AdamW with the paper's betas (0.9, 0.95), linear warm-up then cosine decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = math.ceil(args.warmup_ratio * total_steps)
+    scheduler = get_scheduler(
+        "cosine", optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    )
+    return optimizer, scheduler
+
+
+def save_model(accelerator, model, tokenizer, output_dir):
+    """save_pretrained output: loads with the standard Auto classes."""
+    state_dict = accelerator.get_state_dict(model)  # every process: FSDP gathers its shards here
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(model)
+        if hasattr(model, "merge_and_unload"):  # LoRA: merge the adapters into plain weights
+            model, state_dict = model.merge_and_unload(), None
+        model.save_pretrained(output_dir, state_dict=state_dict)
+        tokenizer.save_pretrained(output_dir)
+    accelerator.wait_for_everyone()
+
+
 # ----------------------------------------------------------------------------------------------
-# PAPER §1: entropy segmentation. H[t] = entropy of softmax(logits[t]); token t closes a segment
-# when H[t] > c; the last content token always closes one.
-
-
-def token_entropy(logits):
-    """(B, T, V) -> (B, T) entropy in nats, in float32 whatever the input dtype."""
-    p = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (B, T, V): the one extra tensor
-    top, idx = logits.max(-1)
-    log_z = top.float() - p.gather(-1, idx.unsqueeze(-1)).squeeze(-1).log()  # log-normalizer: z* - log p*
-    return log_z - p.mul_(logits).sum(-1)  # H = log Z - E_p[z]
-
-
-def segment_ends(entropy, content_mask, threshold):
-    """(B, T) bool: content positions with entropy > threshold, plus each row's last content position."""
-    content_mask = content_mask.bool()
-    is_last = (content_mask.cumsum(-1) == content_mask.sum(-1, keepdim=True)) & content_mask
-    return ((entropy > threshold) & content_mask) | is_last
-
-
-def segment_scores(values, ends):
-    """(B,) mean of `values` at the segment ends of each row (0 for a row with no segment)."""
-    ends = ends.float()
-    return (values * ends).sum(-1) / ends.sum(-1).clamp(min=1)
-
-
-@torch.no_grad()
-def reference_entropy(ref_model, input_ids, attention_mask, batch_size=64):
-    """(N, T) entropies of the frozen reference model, computed once per example (no grad)."""
-    chunks = [token_entropy(forward(ref_model, i, m).logits)
-              for i, m in zip(input_ids.split(batch_size), attention_mask.split(batch_size))]
-    return torch.cat(chunks) * attention_mask
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared training plumbing: accelerate for devices / DDP / bf16, run directories, metrics.
+# Runs: accelerate set-up, output directories, metrics, checkpoints and resuming.
 
 
 def make_accelerator(args):
-    from accelerate import Accelerator, DataLoaderConfiguration
-
     if args.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         fail("--bf16: this GPU has no bf16 support; drop --bf16")
-    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", gradient_accumulation_steps=args.grad_accum,
-                              cpu=not torch.cuda.is_available(),  # lets torchrun on CPUs run DDP over gloo
-                              # --batch-size is global; the data order is a function of (seed, epoch), so a resumed run sees the same batches
-                              dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=args.seed))
-    if args.batch_size % (args.grad_accum * accelerator.num_processes):
-        fail(f"--batch-size {args.batch_size} must be a multiple of --grad-accum x processes "
-             f"({args.grad_accum} x {accelerator.num_processes})")
+    # --batch-size is global (split_batches). The data order is a function of (seed, epoch), so a
+    # resumed run sees the same batches. cpu=True without a GPU lets torchrun run DDP over gloo.
+    data = DataLoaderConfiguration(
+        split_batches=True, use_seedable_sampler=True, data_seed=args.seed
+    )
+    accelerator = Accelerator(
+        mixed_precision="bf16" if args.bf16 else "no",
+        gradient_accumulation_steps=args.grad_accum,
+        cpu=not torch.cuda.is_available(),
+        dataloader_config=data,
+    )
     set_seed(args.seed)
     return accelerator
 
 
+def quiet():
+    """Progress bars on the main process of each machine only."""
+    return int(os.environ.get("LOCAL_RANK", "0")) != 0
+
+
+def lap(start):
+    return time.perf_counter() - start
+
+
+def reduce_dict(accelerator, values, op):
+    """{name: scalar tensor or number} -> {name: float}, summed or averaged over processes in
+    one collective call (one host sync)."""
+    device = accelerator.device
+    stacked = torch.stack(
+        [torch.as_tensor(v, dtype=torch.float, device=device) for v in values.values()]
+    )
+    return dict(zip(values, accelerator.reduce(stacked, op).tolist()))
+
+
 def prepare_output_dir(args, command, accelerator):
-    """Refuse to mix two different runs in one directory unless --overwrite (--resume needs the same run)."""
-    saved = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("overwrite", "resume", "save_every")}
+    """Refuse to mix two runs in one directory unless --overwrite (--resume needs the same run)."""
+    skip = ("overwrite", "resume", "save_every")
+    saved = {k: v for k, v in dataclasses.asdict(args).items() if k not in skip}
     path = os.path.join(args.output_dir, "args.json")
     if os.path.exists(path) and not args.overwrite:
         with open(path) as f:
             if json.load(f) != {"command": command, **saved}:
-                fail(f"{args.output_dir} holds a different run; pass --overwrite or another --output-dir")
+                fail(
+                    f"{args.output_dir} holds a different run; pass --overwrite or another "
+                    "--output-dir"
+                )
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(path, "w") as f:
@@ -480,7 +1560,10 @@ def log_metrics(args, accelerator, row):
 
 def checkpoints(output_dir):
     """Complete checkpoints in `output_dir`, oldest first (a `.tmp` one was never finished)."""
-    steps = sorted(int(d.split("-")[1]) for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)) if os.path.isdir(output_dir) else []
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
+    steps = sorted(int(d.split("-")[1]) for d in names)
     return [os.path.join(output_dir, f"checkpoint-{step}") for step in steps]
 
 
@@ -489,8 +1572,9 @@ def latest_checkpoint(output_dir):
 
 
 def save_checkpoint(accelerator, args, state):
-    """Models, optimizers, schedulers and RNG states (accelerate's save_state) plus `state` (step, data
-    position, ...), written to a temporary directory and then renamed: a crash never leaves half a checkpoint."""
+    """Models, optimizers, schedulers and RNG states (accelerate's save_state) plus `state` (step,
+    data position, ...), written to a temporary directory and then renamed: a crash never leaves
+    half a checkpoint. Only the newest is kept."""
     path = os.path.join(args.output_dir, f"checkpoint-{state['step']}")
     accelerator.save_state(path + ".tmp")
     accelerator.wait_for_everyone()
@@ -501,17 +1585,20 @@ def save_checkpoint(accelerator, args, state):
             json.dump(state, f)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(path + ".tmp", path)
-        for old in checkpoints(args.output_dir):  # keep only the newest checkpoint
+        for old in checkpoints(args.output_dir):
             if old != path:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 
 def load_checkpoint(accelerator, args):
-    """--resume: restore the latest checkpoint and drop the metrics rows logged after it; None if there is none."""
+    """--resume: restore the newest checkpoint and drop the metrics rows logged after it."""
     path = latest_checkpoint(args.output_dir)
     if path is None:
-        print(f"--resume: no checkpoint in {args.output_dir}, starting from the beginning", file=sys.stderr)
+        print(
+            f"--resume: no checkpoint in {args.output_dir}, starting from the beginning",
+            file=sys.stderr,
+        )
         return None
     accelerator.load_state(path)
     with open(os.path.join(path, "state.json")) as f:
@@ -519,7 +1606,7 @@ def load_checkpoint(accelerator, args):
     if accelerator.is_main_process:
         metrics = os.path.join(args.output_dir, "metrics.jsonl")
         with open(metrics) as f:
-            rows = f.readlines()[:state["metrics_rows"]]
+            rows = f.readlines()[: state["metrics_rows"]]
         with open(metrics, "w") as f:
             f.writelines(rows)
     print(f"resumed from {path}", file=sys.stderr)
@@ -527,288 +1614,120 @@ def load_checkpoint(accelerator, args):
 
 
 def check_finite(accelerator, value, what, step, args):
-    """Stop before a non-finite loss or reward reaches the weights (one host sync per optimizer step)."""
+    """Stop before a non-finite loss or reward reaches the weights (one host sync a step)."""
     if not torch.isfinite(accelerator.reduce(value.detach().float().sum(), "sum")):
-        fail(f"non-finite {what} at step {step}; last good checkpoint: "
-             f"{latest_checkpoint(args.output_dir) or 'none (pass --save-every N to keep some)'}")
-
-
-def trainable(model, args, kind):
-    """Gradient checkpointing and LoRA adapters (peft) for a model that trains, when asked for. LoRA on a
-    value model also trains its scalar head (peft's SEQ_CLS task keeps `score` trainable)."""
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.lora_rank:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=args.lora_targets,
-                                                 task_type="CAUSAL_LM" if kind == "causal" else "SEQ_CLS"))
-        for p in model.parameters():  # bf16 base weights stay frozen; what trains (adapters, the head) trains in fp32
-            p.data = p.data.float() if p.requires_grad else p.data
-    return model
-
-
-def make_optimizer(model, args, total_steps):
-    from transformers import get_scheduler
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)  # PAPER §2 betas
-    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
-    return optimizer, scheduler
-
-
-def save_model(accelerator, model, tokenizer, output_dir):
-    """save_pretrained output: loads with the standard Auto classes."""
-    state_dict = accelerator.get_state_dict(model)  # every process takes part: FSDP gathers its shards here
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(model)
-        if hasattr(model, "merge_and_unload"):  # LoRA: merge the adapters into plain weights
-            model, state_dict = model.merge_and_unload(), None
-        model.save_pretrained(output_dir, state_dict=state_dict)
-        tokenizer.save_pretrained(output_dir)
-    accelerator.wait_for_everyone()
+        last = latest_checkpoint(args.output_dir) or "none (pass --save-every N to keep some)"
+        fail(f"non-finite {what} at step {step}; last good checkpoint: {last}")
 
 
 # ----------------------------------------------------------------------------------------------
-# SFT (toy only in the paper's pipeline: it starts from released SFT models). Loss on response tokens.
+# Reward model settings and the paper's presets.
+
+# The paper's runs: model, cutoff c, end token, episodes, released reward models, and the authors'
+# fitted normalizers (a_mu, a_sigma, b_mu, b_sigma) at c and at c = 0, and bandit (mean, std).
+PAPER_MODELS = {
+    "phi3-mini": dict(
+        model="microsoft/Phi-3-mini-4k-instruct",
+        c=1.75,
+        end_token="<|end|>",
+        episodes=2,
+        rm="yyqoni/Phi-3-mini-4k-instruct-{}-rm-700k",
+        segment=(0.7668, 0.2569, 0.4705, 2.8339),
+        token=(0.9628, 0.3796, 1.2917, 3.5006),
+        bandit=(-0.5195, 2.1563),
+    ),
+    "llama3-sft-8b": dict(
+        model="RLHFlow/LLaMA3-SFT-v2",
+        c=2.0,
+        end_token="<|eot_id|>",
+        episodes=1,
+        rm="yyqoni/rlhflow-llama-3-sft-8b-v2-{}-rm-700k",
+        segment=(0.8967, 0.5680, 0.8572, 4.1667),
+        token=(1.7340, 0.9906, 1.3212, 5.4513),
+        bandit=(-0.8164, 2.9531),
+    ),
+    "llama31-instruct-8b": dict(
+        model="meta-llama/Llama-3.1-8B-Instruct",
+        c=2.0,
+        end_token="<|eot_id|>",
+        episodes=1,
+        rm="yyqoni/meta-llama-3.1-instruct-8b-{}-rm-700k",
+        segment=(0.8345, 0.4780, 0.8798, 3.7358),
+        token=(1.6268, 0.6254, 0.6419, 4.9217),
+        bandit=(-0.8281, 2.9375),
+    ),
+}
+PAPER_RM = dict(
+    dataset="hendrydong/preference_700K",
+    lr=1e-6,
+    epochs=1,
+    batch_size=128,
+    grad_accum=16,
+    max_len=2048,
+    max_prompt_len=1728,
+    bf16=True,
+    gradient_checkpointing=True,
+    eval_size=1000,
+    norm_samples=30000,
+)
+PAPER_PPO = dict(
+    dataset="argilla/ultrafeedback-binarized-preferences-cleaned",
+    lr=5e-7,
+    critic_lr=9e-6,
+    batch_size=1024,
+    mini_batch_size=128,
+    grad_accum=16,
+    ppo_epochs=1,
+    max_prompt_len=1024,
+    max_new_tokens=1024,
+    max_len=2048,
+    beta=0.01,
+    missing_eos_penalty=0.0,
+    temperature=1.0,
+    top_p=1.0,
+    bf16=True,
+    gradient_checkpointing=True,
+)
 
 
-def sft(args):
-    from tqdm.auto import tqdm
-
-    if args.save_every or args.resume:
-        fail("sft has no checkpoints (it is the toy's quick first stage); --save-every / --resume are for train-rm and ppo")
-    args.output_dir = args.output_dir or TOY_SFT
-    accelerator = make_accelerator(args)
-    if args.model:
-        tokenizer, model = load_tokenizer(args.model), load_model(args.model)
-    else:
-        tokenizer = build_toy_tokenizer()
-        model = build_toy_model(tokenizer)
-    import datasets
-
-    ds = load_rows(args.dataset) if args.dataset else datasets.Dataset.from_list(toy_sft_rows(3000, args.flawed_fraction, args.seed))
-    key = "completion" if "completion" in ds.column_names else "chosen"
-    check_columns(ds, [key])
-    end_id = end_token_id(tokenizer, args.end_token)
-
-    def encode_row(row):
-        prompt_ids, response_ids = encode(tokenizer, *split_conversation(row, key), args.max_prompt_len, end_id)
-        ids = (prompt_ids + response_ids)[:args.max_len]
-        return {"input_ids": ids, "labels": ([-100] * len(prompt_ids) + response_ids)[:args.max_len]}
-
-    ds = ds.map(encode_row, remove_columns=ds.column_names)
-    collate = lambda rows: {"input_ids": pad_right([r["input_ids"] for r in rows], tokenizer.pad_token_id),
-                            "labels": pad_right([r["labels"] for r in rows], -100),
-                            "attention_mask": pad_right([[1] * len(r["input_ids"]) for r in rows], 0)}
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size // args.grad_accum, shuffle=True, collate_fn=collate)
-    total = args.epochs * math.ceil(len(loader) / args.grad_accum)
-    optimizer, scheduler = make_optimizer(model, args, total)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    prepare_output_dir(args, "sft", accelerator)
-    model.train()
-    bar = tqdm(total=args.epochs * len(loader), desc="sft", disable=not accelerator.is_local_main_process)
-    for epoch in range(args.epochs):
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = forward(model, batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
-                accelerator.backward(loss)
-                accelerator.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step(), scheduler.step(), optimizer.zero_grad()
-            bar.update()
-            if bar.n % 20 == 0:  # a host sync only now and then
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        log_metrics(args, accelerator, {"epoch": epoch + 1, "sft/loss": loss.item()})
-    save_model(accelerator, model, tokenizer, args.output_dir)
-    return {"sft/loss": round(loss.item(), 4), "output_dir": args.output_dir}
+def preset_defaults(name, command):
+    """Flag defaults for `command` under preset `name`."""
+    if name not in PAPER_MODELS:
+        fail(f"unknown --preset {name!r}; choose from {', '.join(PAPER_MODELS)}")
+    m = PAPER_MODELS[name]
+    common = {"model": m["model"], "end_token": m["end_token"]}
+    if command == "train-rm":
+        out = f"runs/{name}-segment-rm"
+        return {**PAPER_RM, **common, "entropy_threshold": m["c"], "output_dir": out}
+    if command == "ppo":
+        rm = m["rm"].format("segment")
+        out = f"runs/{name}-segment-ppo"
+        return {
+            **PAPER_PPO,
+            **common,
+            "episodes": m["episodes"],
+            "reward_model": rm,
+            "output_dir": out,
+        }
+    return common
 
 
-def toy_sft_model():
-    """The toy SFT model, trained on first use."""
-    if not os.path.exists(os.path.join(TOY_SFT, "config.json")):
-        print(f"building the toy SFT model in {TOY_SFT} ...", file=sys.stderr)
-        sft(SFTArgs(overwrite=True))
-    return TOY_SFT
-
-
-# ----------------------------------------------------------------------------------------------
-# PAPER §2: segment reward model. r_k = v[end_k]; score = mean_k r_k; Bradley-Terry loss.
-# Bandit (c = inf): content includes the EOS, so the single segment is read at the EOS itself.
-
-
-def prepare_pairs(ds, tokenizer, args, end_id):
-    """Token ids of prompt / chosen / rejected; unusable pairs are skipped and counted."""
-    check_columns(ds, ["chosen", "rejected"])
-
-    def encode_row(row):
-        messages, chosen = split_conversation(row, "chosen")
-        prompt_ids, chosen_ids = encode(tokenizer, messages, chosen, args.max_prompt_len, end_id)
-        _, rejected_ids = encode(tokenizer, *split_conversation(row, "rejected"), args.max_prompt_len, end_id)
-        skip = ("empty response" if min(len(chosen_ids), len(rejected_ids)) < 2 else
-                "chosen identical to rejected" if chosen_ids == rejected_ids else
-                f"longer than --max-len {args.max_len}" if len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > args.max_len else "")
-        return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "skip": skip}
-
-    ds = ds.map(encode_row, remove_columns=ds.column_names)
-    skipped = {reason: ds["skip"].count(reason) for reason in set(ds["skip"]) - {""}}
-    if skipped:
-        print(f"skipped pairs: {skipped}", file=sys.stderr)
-    ds = ds.filter(lambda r: not r["skip"]).remove_columns("skip")
-    if len(ds) == 0:
-        fail(f"no usable preference pairs left after filtering; skipped: {skipped}")
-    return ds
-
-
-def add_entropies_batch(rows, ref_model, pad_id, device):
-    """datasets.map body: the reference model's entropy at every response token (PAPER §1), cached
-    with the data so it costs one forward per example for the whole run, not one per step."""
-    out = {}
-    for key in ("chosen", "rejected"):
-        seqs = [p + r for p, r in zip(rows["prompt_ids"], rows[f"{key}_ids"])]
-        ids, mask = pad_right(seqs, pad_id).to(device), pad_right([[1] * len(s) for s in seqs], 0).to(device)
-        ent = reference_entropy(ref_model, ids, mask).cpu()
-        out[f"{key}_entropy"] = [e[len(p):len(s)].tolist() for e, p, s in zip(ent, rows["prompt_ids"], seqs)]
-    return out
-
-
-def pair_collate(pad_id, bandit):
-    """Chosen rows then rejected rows in one (2B, T) batch; content = response, minus its EOS
-    unless bandit (PAPER §1)."""
-    def collate(rows):
-        prompts = [r["prompt_ids"] for r in rows] * 2
-        responses = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
-        seqs = [p + r for p, r in zip(prompts, responses)]
-        start = torch.tensor([len(p) for p in prompts])[:, None]
-        stop = torch.tensor([len(s) for s in seqs])[:, None] - (0 if bandit else 1)
-        pos = torch.arange(max(len(s) for s in seqs))
-        batch = {"input_ids": pad_right(seqs, pad_id), "attention_mask": pad_right([[1] * len(s) for s in seqs], 0),
-                 "content_mask": (pos >= start) & (pos < stop)}
-        if "chosen_entropy" in rows[0]:
-            ents = [r["chosen_entropy"] for r in rows] + [r["rejected_entropy"] for r in rows]
-            batch["entropy"] = pad_right([[0.0] * len(p) + e for p, e in zip(prompts, ents)], 0.0)
-        else:
-            batch["entropy"] = torch.zeros(batch["input_ids"].shape)  # bandit: entropies are not needed
-        return batch
-    return collate
-
-
-def rm_forward(model, batch, threshold):
-    """Per-token values, segment ends and sequence scores of a (2B, T) pair batch."""
-    values = token_values(model, batch["input_ids"], batch["attention_mask"])
-    ends = segment_ends(batch["entropy"], batch["content_mask"], threshold)
-    return values, ends, segment_scores(values, ends)
-
-
-@torch.no_grad()
-def evaluate_rm(model, loader, threshold, accelerator):
-    """Held-out accuracy, mean chosen / rejected score, segments per response, mean segment length."""
-    model.eval()
-    sums = torch.zeros(6, device=accelerator.device)
-    for batch in loader:
-        _, ends, scores = rm_forward(model, batch, threshold)
-        chosen, rejected = scores.chunk(2)
-        sums += torch.stack([(chosen > rejected).float().sum(), chosen.sum(), rejected.sum(), ends.sum(),
-                             batch["content_mask"].sum(), torch.tensor(len(chosen), device=sums.device)])
-    sums = accelerator.reduce(sums, "sum").tolist()
-    model.train()
-    n = sums[5]
-    return {"rm/accuracy": sums[0] / n, "rm/chosen_score": sums[1] / n, "rm/rejected_score": sums[2] / n,
-            "segment/per_response": sums[3] / (2 * n), "segment/mean_length": sums[4] / max(sums[3], 1)}
-
-
-def rm_pairs(args, tokenizer):
-    """The preference dataset (or the toy one), encoded and filtered."""
-    import datasets
-
-    end_id = end_token_id(tokenizer, args.end_token)
-    ds = load_rows(args.dataset) if args.dataset else datasets.Dataset.from_list(toy_preference_rows(2200, args.seed))
-    return prepare_pairs(ds, tokenizer, args, end_id)
-
-
-def add_entropies(ds, args, accelerator, model_path, tokenizer):
-    """Cached reference entropies for every pair, in --output-dir (the bandit needs none)."""
-    import hashlib
-
-    # The cache key: the encoded data's fingerprint and the reference model (a retrained local one too).
-    stamp = os.path.getmtime(os.path.join(model_path, "config.json")) if os.path.isdir(model_path) else 0
-    key = json.dumps([ds._fingerprint, os.path.abspath(model_path) if os.path.isdir(model_path) else model_path, stamp])
-    cache = os.path.join(args.output_dir, f"entropy-{hashlib.sha1(key.encode()).hexdigest()[:16]}.arrow")
-    with accelerator.main_process_first():  # the main process computes, the others read its cache file
-        ref = None if os.path.exists(cache) else load_model(model_path, "causal", args.bf16).to(accelerator.device).eval()
-        return ds.map(lambda rows: add_entropies_batch(rows, ref, tokenizer.pad_token_id, accelerator.device),
-                      batched=True, batch_size=64, cache_file_name=cache, new_fingerprint=os.path.basename(cache),
-                      load_from_cache_file=True, desc="reference entropies")
-
-
-def train_rm(args):
-    from tqdm.auto import tqdm
-
-    args.output_dir = args.output_dir or TOY_RM
-    accelerator = make_accelerator(args)
-    model_path = args.model or toy_sft_model()
-    tokenizer = load_tokenizer(model_path)
-    threshold, bandit = args.entropy_threshold, math.isinf(args.entropy_threshold)
-    ds = rm_pairs(args, tokenizer)
-    if not 0 < args.eval_size < len(ds):
-        fail(f"--eval-size {args.eval_size} must be between 1 and the {len(ds)} usable pairs - 1")
-    prepare_output_dir(args, "train-rm", accelerator)  # input checked: from here on, files are written
-    ds = ds if bandit else add_entropies(ds, args, accelerator, model_path, tokenizer)
-    split = ds.train_test_split(test_size=args.eval_size, seed=args.seed)
-    collate = pair_collate(tokenizer.pad_token_id, bandit)
-    micro = args.batch_size // args.grad_accum
-    train_loader = torch.utils.data.DataLoader(split["train"], batch_size=micro, shuffle=True, collate_fn=collate,
-                                               generator=torch.Generator())  # not the global RNG (see ppo)
-    eval_loader = torch.utils.data.DataLoader(split["test"], batch_size=micro, collate_fn=collate)
-    set_seed(args.seed)  # the head's random init must not depend on what ran earlier in this process
-    model = trainable(load_model(model_path, "value", args.bf16 and args.lora_rank > 0), args, "value")
-    optimizer, scheduler = make_optimizer(model, args, args.epochs * math.ceil(len(train_loader) / args.grad_accum))
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, eval_loader, scheduler)
-    # Where training stands: optimizer steps, epoch, batches done in it, and the epoch's loss so far.
-    state = (load_checkpoint(accelerator, args) if args.resume else None) or {"step": 0, "epoch": 0, "batch": 0, "loss_sum": 0.0}
-    step = state["step"]
-    model.train()
-    bar = tqdm(total=args.epochs * len(train_loader), initial=state["epoch"] * len(train_loader) + state["batch"],
-               desc="train-rm", disable=not accelerator.is_local_main_process)
-    for epoch in range(state["epoch"], args.epochs):
-        done = state["batch"] if epoch == state["epoch"] else 0
-        start, loss_sum = time.perf_counter(), torch.tensor(state["loss_sum"] if done else 0.0, device=accelerator.device)
-        train_loader.set_epoch(epoch)
-        for i, batch in enumerate(accelerator.skip_first_batches(train_loader, done) if done else train_loader, start=done + 1):
-            with accelerator.accumulate(model):
-                _, _, scores = rm_forward(model, batch, threshold)
-                chosen, rejected = scores.chunk(2)
-                loss = -F.logsigmoid(chosen - rejected).mean()  # Bradley-Terry
-                loss_sum += loss.detach()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    check_finite(accelerator, loss_sum, "loss", step + 1, args)
-                accelerator.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step(), scheduler.step(), optimizer.zero_grad()
-            bar.update()
-            step += accelerator.sync_gradients
-            if accelerator.sync_gradients and args.save_every and step % args.save_every == 0:
-                save_checkpoint(accelerator, args, {"step": step, "epoch": epoch, "batch": i, "loss_sum": loss_sum.item()})
-            if bar.n % 20 == 0:  # a host sync only now and then
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        metrics = {"epoch": epoch + 1, "step": step, "processes": accelerator.num_processes,
-                   "rm/loss": accelerator.reduce(loss_sum, "mean").item() / len(train_loader),
-                   "time/epoch_s": time.perf_counter() - start, **evaluate_rm(model, eval_loader, threshold, accelerator)}
-        log_metrics(args, accelerator, metrics)
-        bar.write(json.dumps(metrics)) if accelerator.is_main_process else None
-    # PAPER §3: fit the location-aware normalizer on (a sample of) the training responses.
-    sample = split["train"].select(range(min(args.norm_samples or len(split["train"]), len(split["train"]))))
-    norm_loader = accelerator.prepare(torch.utils.data.DataLoader(sample, batch_size=micro, collate_fn=collate))
-    normalizer = normalizer_settings(*collect_segment_rewards(model, norm_loader, threshold, accelerator))
-    save_model(accelerator, model, tokenizer, args.output_dir)
-    settings = {"entropy_threshold": threshold, "reference_model": os.path.abspath(model_path) if os.path.isdir(model_path) else model_path,
-                "end_token": args.end_token or tokenizer.eos_token, **normalizer}
-    if accelerator.is_main_process:
-        with open(os.path.join(args.output_dir, SETTINGS_FILE), "w") as f:
-            json.dump(settings, f, indent=1)
-    return {"eval_accuracy": round(metrics["rm/accuracy"], 4), "rm/loss": round(metrics["rm/loss"], 4),
-            "segment/per_response": round(metrics["segment/per_response"], 2), "output_dir": args.output_dir,
-            "entropy_threshold": threshold}
+def released_rm_settings(path):
+    """Settings of the authors' released reward models (they ship without our settings file)."""
+    for m in PAPER_MODELS.values():
+        for kind, c in (("segment", m["c"]), ("token", 0.0), ("bandit", float("inf"))):
+            if path == m["rm"].format(kind):
+                norm = {} if kind == "bandit" else {"normalizer": list(m[kind])}
+                mean, std = m["bandit"]
+                return {
+                    "entropy_threshold": c,
+                    "reference_model": m["model"],
+                    "end_token": m["end_token"],
+                    "mean": mean,
+                    "std": std,
+                    **norm,
+                }
+    return None
 
 
 def load_rm_settings(path):
@@ -816,109 +1735,157 @@ def load_rm_settings(path):
     if not os.path.exists(file) and released_rm_settings(path):
         return released_rm_settings(path)
     if not os.path.exists(file):
-        fail(f"reward model {path!r} has no {SETTINGS_FILE} (segmentation settings); train it with train-rm or use --preset")
+        fail(
+            f"reward model {path!r} has no {SETTINGS_FILE} (segmentation settings); train it "
+            "with train-rm or use --preset"
+        )
     with open(file) as f:
         return json.load(f)
 
 
-# ----------------------------------------------------------------------------------------------
-# PAPER §3: location-aware normalization. Segment k of K sits at p = k / K; its reward is normalized
-# with mu(p) = a_mu ln p + b_mu and sigma(p) = a_sigma ln p + b_sigma, fitted by Huber regression
-# on per-position means / stds. The bandit keeps one scalar mean / std.
+def planned_rm_settings(path):
+    """The reward model's settings; for the toy one not built yet, those it will be built with."""
+    if path == TOY_RM and not os.path.exists(os.path.join(TOY_RM, SETTINGS_FILE)):
+        return {"entropy_threshold": RMArgs.entropy_threshold, "normalizer": "fitted when built"}
+    return load_rm_settings(path)
 
 
-def segment_positions(ends):
-    """(B, T): k / K at the end of segment k of K, 0 elsewhere."""
-    ends = ends.float()
-    return ends.cumsum(-1) / ends.sum(-1, keepdim=True).clamp(min=1) * ends
+def resolve_reward(args, settings):
+    """Reward mode (from the reward model's cutoff unless given) and value clip, checked."""
+    c = settings["entropy_threshold"]
+    bandit = math.isinf(c)
+    args.reward_mode = args.reward_mode or (
+        "bandit" if bandit else "token" if c == 0 else "segment"
+    )
+    if (args.reward_mode == "bandit") != bandit:
+        fail(
+            f"--reward-mode {args.reward_mode} does not fit a reward model trained with entropy "
+            f"threshold {c}"
+        )
+    if args.location_norm and "normalizer" not in settings:
+        fail(
+            f"{args.reward_model} has no fitted normalizer: run fit-norm on it, or pass "
+            "--no-location-norm"
+        )
+    if math.isnan(args.value_clip):
+        args.value_clip = 0.2 if args.reward_mode == "bandit" else 0.25  # the paper's values
 
 
-def huber_fit(x, y, delta=1.35, iters=100):
-    """Slope and intercept of y ~ a x + b, Huber loss, by iteratively reweighted least squares."""
-    if x.unique().numel() < 2:
-        return 0.0, y.mean().item()
-    X, w = torch.stack([x, torch.ones_like(x)], 1).double(), torch.ones_like(x).double()
-    y = y.double()
-    for _ in range(iters):
-        sw = w.sqrt()[:, None]
-        coef = torch.linalg.lstsq(X * sw, y[:, None] * sw).solution.squeeze(1)
-        resid = (y - X @ coef).abs()
-        scale = (1.4826 * resid.median()).clamp(min=1e-8)  # robust residual scale (MAD)
-        w = (delta * scale / resid.clamp(min=1e-12)).clamp(max=1.0)
-    return coef[0].item(), coef[1].item()
-
-
-def fit_location_normalizer(positions, rewards):
-    """(a_mu, a_sigma, b_mu, b_sigma) from 1-D tensors of segment positions p and rewards r: group by
-    p rounded to 3 decimals, take each group's mean and std, regress both on ln p."""
-    groups, index = torch.unique(torch.round(positions.double() * 1000) / 1000, return_inverse=True)
-    count = torch.bincount(index, minlength=len(groups)).double()
-    mean = torch.zeros_like(groups).index_add_(0, index, rewards.double()) / count
-    var = torch.zeros_like(groups).index_add_(0, index, (rewards.double() - mean[index]) ** 2) / count
-    keep = count >= 2  # a single sample has no std
-    x = groups[keep].log()
-    (a_mu, b_mu), (a_sigma, b_sigma) = huber_fit(x, mean[keep]), huber_fit(x, var[keep].sqrt())
-    return a_mu, a_sigma, b_mu, b_sigma
-
-
-def normalize_segment_rewards(values, ends, params, min_position=0.0, min_sigma=1e-3):
-    """(B, T): (v - mu(p)) / sigma(p) at segment ends, 0 elsewhere. Positions below `min_position` (the
-    smallest p the normalizer was fitted on) use it instead: the fitted lines do not extrapolate."""
-    a_mu, a_sigma, b_mu, b_sigma = params
-    log_p = segment_positions(ends).clamp(min=max(min_position, 1e-12)).log()
-    # Implementation detail: a fitted sigma line can cross zero; without the two guards a response cut
-    # into many more segments than seen in fitting gets rewards divided by ~0 (seen: a toy policy hacked it).
-    sigma = (a_sigma * log_p + b_sigma).clamp(min=min_sigma)
-    return torch.where(ends.bool(), (values - (a_mu * log_p + b_mu)) / sigma, torch.zeros_like(values))
-
-
-@torch.no_grad()
-def collect_segment_rewards(model, loader, threshold, accelerator):
-    """Score every response in `loader`: 1-D segment positions and rewards, and (N,) sequence scores."""
-    model.eval()
-    positions, rewards, scores = [], [], []
-    for batch in loader:  # plain gather: a pair batch has 2B rows, which gather_for_metrics would cut to B
-        values, ends, score = rm_forward(model, batch, threshold)
-        pos = accelerator.gather(accelerator.pad_across_processes(segment_positions(ends), dim=1))
-        val = accelerator.gather(accelerator.pad_across_processes(values * ends, dim=1))
-        positions.append(pos[pos > 0].cpu()), rewards.append(val[pos > 0].cpu())
-        scores.append(accelerator.gather(score).cpu())
-    model.train()
-    return torch.cat(positions), torch.cat(rewards), torch.cat(scores)
-
-
-def normalizer_settings(positions, rewards, scores):
-    """What PPO needs to normalize: the location-aware fit, and the scalar mean / std (bandit)."""
-    return {"normalizer": list(fit_location_normalizer(positions, rewards)), "min_position": positions.min().item(),
-            "mean": scores.mean().item(), "std": scores.std().item(), "norm_samples": len(scores)}
-
-
-def fit_norm(args):
-    """Fit (or refit) the normalizer of an existing reward model and save it in its settings file."""
-    accelerator = make_accelerator(args)
+def ensure_reward_model(args):
+    """The reward model's settings; the toy reward model is trained on first use."""
+    if args.reward_model == TOY_RM and not os.path.exists(os.path.join(TOY_RM, SETTINGS_FILE)):
+        print(f"building the toy reward model in {TOY_RM} ...", file=sys.stderr)
+        train_rm(resolve("train-rm", RMArgs(overwrite=True)))
     settings = load_rm_settings(args.reward_model)
-    threshold = settings["entropy_threshold"]
-    ref_path = settings["reference_model"]
-    tokenizer = load_tokenizer(args.reward_model)
-    args.output_dir, args.end_token = args.reward_model, args.end_token or settings["end_token"]
-    ds = rm_pairs(args, tokenizer)
-    ds = ds if math.isinf(threshold) else add_entropies(ds, args, accelerator, ref_path, tokenizer)
-    ds = ds.select(range(min(args.norm_samples or len(ds), len(ds))))
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, collate_fn=pair_collate(tokenizer.pad_token_id, math.isinf(threshold)))
-    model, loader = load_model(args.reward_model, "value", args.bf16).to(accelerator.device), accelerator.prepare(loader)
-    positions, rewards, scores = collect_segment_rewards(model, loader, threshold, accelerator)
-    settings.update(normalizer_settings(positions, rewards, scores))
-    if accelerator.is_main_process:
-        with open(os.path.join(args.reward_model, SETTINGS_FILE), "w") as f:
-            json.dump(settings, f, indent=1)
-        if args.plot:
-            plot_normalizer(args.plot, positions, rewards, settings["normalizer"])
-    return {"normalizer": settings["normalizer"], "mean": settings["mean"], "std": settings["std"],
-            "norm_samples": settings["norm_samples"], "output_dir": args.reward_model}
+    resolve_reward(args, settings)
+    return settings
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeing what the method sees: a response cut into its segments, with rewards; plots.
+
+COLORS = ("\033[30;43m", "\033[30;46m")  # alternating backgrounds in the terminal
+
+
+def segment(args):
+    settings = load_rm_settings(args.reward_model) if args.reward_model else {}
+    threshold = args.entropy_threshold
+    if math.isnan(threshold):
+        threshold = settings.get("entropy_threshold", 1.0)
+    if not threshold >= 0:
+        fail(f"--entropy-threshold must be >= 0, got {threshold}")
+    model_path = args.model or settings.get("reference_model") or toy_sft_model()
+    tokenizer, ref = load_tokenizer(model_path), load_model(model_path).eval()
+    if args.text:  # raw text: no template, no end token, every token is content
+        prompt_ids, response_ids = [], tokenizer(args.text, add_special_tokens=False)["input_ids"]
+    else:
+        messages, response = segment_input(args)
+        end_id = end_token_id(tokenizer, args.end_token or settings.get("end_token", ""))
+        prompt_ids, response_ids = encode(tokenizer, messages, response, 10**9, end_id)
+    if not response_ids:
+        fail("the response is empty")
+    ids = torch.tensor([prompt_ids + response_ids])
+    mask = torch.ones_like(ids)
+    P, R = len(prompt_ids), len(response_ids)
+    entropy = reference_entropy(ref, ids, mask)[:, P:]  # (1, R)
+    content = torch.ones(1, R, dtype=torch.bool)
+    content[0, -1] = bool(args.text) or math.isinf(threshold)  # the end token: bandit content only
+    ends = segment_ends(entropy, content, threshold)[0]
+    rewards = None
+    if args.reward_model:
+        rm = load_model(args.reward_model, "value").eval()
+        rewards = token_values(rm, ids, mask)[0, P:].detach()
+    stops = ends.nonzero().squeeze(1).tolist()
+    rows = []
+    for a, b in zip([0] + [s + 1 for s in stops[:-1]], stops):
+        row = {
+            "text": tokenizer.decode(response_ids[a : b + 1]),
+            "entropy": round(entropy[0, b].item(), 3),
+        }
+        if rewards is not None:
+            row["reward"] = round(rewards[b].item(), 3)
+        rows.append(row)
+    print("".join(f"{COLORS[k % 2]}{r['text']}\033[0m" for k, r in enumerate(rows)))
+    for k, r in enumerate(rows):
+        reward = f"  r={r['reward']:+7.3f}" if "reward" in r else ""
+        print(f"{k + 1:3d}  H={r['entropy']:6.3f}{reward}  {r['text']!r}")
+    if args.html:
+        write_segments_html(args.html, rows, threshold)
+    return {"entropy_threshold": threshold, "segments": rows}
+
+
+def segment_input(args):
+    """(prompt messages, response) from --dataset / --row, --prompt / --response, or a demo."""
+    if args.dataset:
+        rows = load_rows(args.dataset)
+        if not 0 <= args.row < len(rows):
+            fail(f"--row {args.row} is outside the dataset's {len(rows)} rows")
+        check_columns(rows, ["chosen"])
+        return split_conversation(rows[args.row], "chosen")
+    if args.response:
+        return [{"role": "user", "content": args.prompt}], args.response
+    return [{"role": "user", "content": "Name 3 colors."}], "Here are 3 colors: black, green, pink."
+
+
+def write_segments_html(path, rows, threshold):
+    spans, table = "", ""
+    for k, r in enumerate(rows):
+        hover = f"H={r['entropy']}" + (f" r={r['reward']}" if "reward" in r else "")
+        color = ("#fde68a", "#a5f3fc")[k % 2]
+        text = html.escape(r["text"])
+        spans += f'<span style="background:{color}" title="{hover}">{text}</span>'
+        table += f"<tr><td>{k + 1}</td><td>{r['entropy']}</td><td>{r.get('reward', '')}</td>"
+        table += f"<td>{text}</td></tr>"
+    with open(path, "w") as f:
+        f.write(
+            "<!doctype html><meta charset=utf-8><title>segments</title>"
+            f"<p>entropy cutoff c = {threshold}</p>"
+            f"<p style='font:16px monospace;white-space:pre-wrap'>{spans}</p>"
+            "<table border=1 cellpadding=4><tr><th>k</th><th>entropy at end</th><th>reward</th>"
+            f"<th>segment</th></tr>{table}</table>"
+        )
+
+
+def sample_table(tokenizer, data, i):
+    """One rollout cut into its segments, each with its dense reward: what the method sees."""
+    response, mask, ends, dense = (
+        data["response"][i],
+        data["mask"][i],
+        data["ends"][i],
+        data["dense"][i],
+    )
+    stops = ends.nonzero().squeeze(1).tolist()
+    spans = zip([0] + [s + 1 for s in stops[:-1]], stops)
+    parts = [
+        f"[{tokenizer.decode(response[a : b + 1])}|{dense[a : b + 1].sum().item():+.2f}]"
+        for a, b in spans
+    ]
+    return "sample: " + " ".join(parts) + f"  ({int(mask.sum())} tokens)"
 
 
 def plot_normalizer(path, positions, rewards, params):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -928,465 +1895,112 @@ def plot_normalizer(path, positions, rewards, params):
     std = torch.stack([rewards[index == i].std(correction=0) for i in range(len(groups))])
     p = torch.linspace(groups.min().item(), 1, 200)
     plt.figure(figsize=(6, 4))
-    plt.scatter(groups, mean, s=8, label="mean per position"), plt.scatter(groups, std, s=8, label="std per position")
-    plt.plot(p, a_mu * p.log() + b_mu, label="mu(p)"), plt.plot(p, a_sigma * p.log() + b_sigma, label="sigma(p)")
-    plt.xlabel("relative position p = k / K"), plt.legend(), plt.tight_layout(), plt.savefig(path)
+    plt.scatter(groups, mean, s=8, label="mean per position")
+    plt.scatter(groups, std, s=8, label="std per position")
+    plt.plot(p, a_mu * p.log() + b_mu, label="mu(p)")
+    plt.plot(p, a_sigma * p.log() + b_sigma, label="sigma(p)")
+    plt.xlabel("relative position p = k / K")
+    plt.legend()
+    plt.tight_layout()
+    plt.savefig(path)
 
 
 # ----------------------------------------------------------------------------------------------
-# PAPER §4: within-segment reward interpolation. PPO wants a reward per token; "even" gives every
-# token of segment k the value r_k / len_k, so a segment's tokens sum to its reward.
-
-
-def interpolate_rewards(seg_rewards, ends, content_mask, mode="even"):
-    """(B, T): spread each segment's reward (held at its end position) over the segment's tokens."""
-    ends, content = ends.bool(), content_mask.bool()
-    if mode == "last":
-        return torch.where(ends, seg_rewards, torch.zeros_like(seg_rewards))
-    seg_id = (ends.long().cumsum(-1) - ends.long()).clamp(max=ends.shape[1] - 1)  # segment index of each token
-    reward_of = torch.zeros_like(seg_rewards).scatter_add_(1, seg_id, torch.where(ends, seg_rewards, 0.0))
-    length_of = torch.zeros_like(seg_rewards).scatter_add_(1, seg_id, content.to(seg_rewards.dtype))
-    per_token = reward_of.gather(1, seg_id)
-    if mode == "even":
-        per_token = per_token / length_of.gather(1, seg_id).clamp(min=1)
-    elif mode != "repeat":
-        raise ValueError(f"interpolation mode must be even, last or repeat, got {mode!r}")
-    return torch.where(content, per_token, torch.zeros_like(per_token))
-
-
-# ----------------------------------------------------------------------------------------------
-# PAPER §5: PPO against dense segment rewards. Per-token reward = clamp(r_t, -10, 10)
-# - beta (log pi - log pi_ref); GAE (gamma 1, lambda 0.95); clipped policy and value losses.
-
-
-@dataclass
-class PPOArgs(Common):
-    reward_model: str = field(default="", metadata={"help": "reward model directory from train-rm; empty: the toy one"})
-    reward_mode: str = field(default="", metadata={"help": "default: follows the reward model's threshold", "choices": ("segment", "token", "bandit")})
-    interpolation: str = field(default="even", metadata={"help": "within-segment split (paper: even)", "choices": ("even", "last", "repeat")})
-    location_norm: bool = field(default=True, metadata={"help": "location-aware normalization (--no-location-norm: raw rewards)"})
-    steps: int = field(default=120, metadata={"help": "PPO iterations (rollout batch + update)"})
-    episodes: float = field(default=0.0, metadata={"help": "if > 0, sets --steps to this many passes over the prompts (paper: 2 Phi-3, 1 Llama)"})
-    batch_size: int = field(default=64, metadata={"help": "rollout batch: prompts per iteration (global)"})
-    mini_batch_size: int = field(default=16, metadata={"help": "train batch: rollouts per optimizer step (global)"})
-    ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
-    lr: float = field(default=3e-5, metadata={"help": "actor learning rate"})
-    critic_lr: float = field(default=1e-4, metadata={"help": "critic learning rate"})
-    beta: float = field(default=0.1, metadata={"help": "KL penalty coefficient, fixed (paper: 0.01; 0.1 keeps the toy policy from lengthening lists)"})
-    gamma: float = field(default=1.0, metadata={"help": "discount"})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
-    clip_eps: float = field(default=0.2, metadata={"help": "policy ratio clip"})
-    value_clip: float = field(default=float("nan"), metadata={"help": "value clip (default: 0.25 dense, 0.2 bandit)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
-    max_new_tokens: int = field(default=24, metadata={"help": "generation length limit"})
-    missing_eos_penalty: float = field(default=1.0, metadata={"help": "subtracted from the last reward of completions that never stop (paper: 0)"})
-    eval_prompts: int = field(default=128, metadata={"help": "held-out prompts scored before and after training"})
-    rollout_chunk: int = field(default=64, metadata={"help": "prompts generated and scored at once per process (memory knob)"})
-
-
-def gae(rewards, values, mask, gamma=1.0, lam=0.95):
-    """(B, T) -> advantages, returns. delta_t = r_t + gamma V_{t+1} - V_t, A_t = sum_l (gamma lam)^l delta_{t+l};
-    the reverse recursion written as one matrix product: no Python loop over tokens."""
-    mask = mask.float()
-    next_values = F.pad((values * mask)[:, 1:], (0, 1))  # V after the last token is 0 (terminal)
-    deltas = (rewards + gamma * next_values - values) * mask
-    t = torch.arange(rewards.shape[1], device=rewards.device)
-    lag = (t[None, :] - t[:, None]).float()  # (T, T): lag[s, u] = u - s
-    discount = torch.where(lag >= 0, (gamma * lam) ** lag.clamp(min=0), 0.0)
-    advantages = deltas @ discount.T
-    return advantages * mask, (advantages + values) * mask
-
-
-def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def whiten(x, mask):
-    # Implementation detail: advantages whitened over the rollout batch (this process's share).
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
-
-
-def logprobs_of(logits, tokens, temperature):
-    # Implementation detail: log-probs of the *sampling* distribution, so logits / temperature.
-    return torch.log_softmax(logits.float() / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def prompt_rows(ds):
-    """Prompt messages from a `prompt` column, or from a conversation minus its last turn (PAPER §5)."""
-    for key in ("prompt", "chosen", "messages"):
-        if key in ds.column_names:
-            break
-    else:
-        fail(f"prompt dataset needs a 'prompt' column or a conversational 'chosen' / 'messages'; found {ds.column_names}")
-
-    def to_messages(row):
-        value = row[key]
-        if isinstance(value, str) and key == "prompt":
-            return {"messages": [{"role": "user", "content": value}]}
-        if not isinstance(value, list) or not value:
-            fail(f"column {key!r} must hold a prompt string or a message list")
-        return {"messages": value[:-1] if key != "prompt" and value[-1].get("role") == "assistant" else value}
-
-    return ds.map(to_messages, remove_columns=ds.column_names)
-
-
-@torch.no_grad()
-def generate(policy, prompt_ids, prompt_mask, args, stop_ids, pad_id):
-    """Sample responses: prompt + response ids and attention mask, the (B, R) response tokens, their
-    mask up to and including the first stop token, the stop token itself, and whether each row stopped."""
-    out = unwrap(policy).generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, top_k=0,
-                                  top_p=args.top_p, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                                  eos_token_id=stop_ids, pad_token_id=pad_id)
-    response = out[:, prompt_ids.shape[1]:]
-    is_stop = torch.isin(response, torch.tensor(stop_ids, device=response.device))
-    # Implementation detail: everything after the first stop token is masked (it is padding or junk).
-    mask = (is_stop.long().cumsum(-1) - is_stop.long()) == 0
-    return out, torch.cat([prompt_mask, mask.long()], 1), response, mask, is_stop & mask, is_stop.any(-1)
-
-
-def dense_rewards(rm_values, entropy, mask, stop, stopped, settings, args):
-    """PAPER §1 + §3 + §4 on a rollout batch: segment the responses with the reference entropies,
-    normalize each segment reward for its position, spread it over its tokens. Returns per-token
-    rewards (B, R), segment ends, and the raw sequence score (mean segment reward)."""
-    if args.reward_mode == "bandit":  # one segment, read at the EOS itself (or the last token when truncated)
-        ends = segment_ends(entropy, mask, float("inf"))
-        seg = (rm_values - settings["mean"]) / settings["std"] if args.location_norm else rm_values
-        dense = torch.where(ends, seg, 0.0)
-    else:
-        content = mask & ~stop  # the stop token is not content
-        ends = segment_ends(entropy, content, 0.0 if args.reward_mode == "token" else settings["entropy_threshold"])
-        seg = (normalize_segment_rewards(rm_values, ends, settings["normalizer"], settings.get("min_position", 0.0))
-               if args.location_norm else rm_values)
-        dense = interpolate_rewards(seg, ends, content, args.interpolation)
-    last = mask & (mask.long().cumsum(-1) == mask.sum(-1, keepdim=True))
-    dense = dense - args.missing_eos_penalty * (last & ~stopped[:, None])
-    return dense, ends, segment_scores(rm_values, ends)
-
-
-@torch.no_grad()
-def score_responses(ref_logits, rm, seq, attn, response, mask, stop, stopped, settings, args):
-    """One reference forward gives the KL log-probs and the entropies that segment the responses
-    (PAPER §1); one reward-model forward gives the segment rewards. Returns (B, R) reference
-    log-probs and dense rewards, the segment ends, and the raw (B,) RM score."""
-    P = seq.shape[1] - response.shape[1]
-    logits = ref_logits(seq, attn)
-    ref_logprobs = logprobs_of(logits[:, P - 1:-1], response, args.temperature)
-    entropy = token_entropy(logits[:, P:]) if args.reward_mode != "bandit" else torch.zeros_like(ref_logprobs)  # bandit: one segment
-    dense, ends, score = dense_rewards(token_values(rm, seq, attn)[:, P:], entropy, mask, stop, stopped, settings, args)
-    return ref_logprobs, dense, ends, score
-
-
-@torch.no_grad()
-def rollout(policy, ref_logits, critic, rm, prompt_ids, prompt_mask, settings, args, stop_ids, pad_id):
-    """One rollout batch: responses, old log-probs, values, rewards, advantages and returns, all (B, R)."""
-    seq, attn, response, mask, stop, stopped = generate(policy, prompt_ids, prompt_mask, args, stop_ids, pad_id)
-    P = prompt_ids.shape[1]
-    old_logprobs = logprobs_of(forward(policy, seq, attn).logits[:, P - 1:-1], response, args.temperature)
-    values = token_values(critic, seq, attn)[:, P - 1:-1]
-    ref_logprobs, dense, ends, score = score_responses(ref_logits, rm, seq, attn, response, mask, stop, stopped, settings, args)
-    kl = (old_logprobs - ref_logprobs) * mask
-    rewards = dense.clamp(-10, 10) - args.beta * kl
-    advantages, returns = gae(rewards, values * mask, mask, args.gamma, args.lam)
-    return {"seq": seq, "attn": attn, "response": response, "mask": mask.float(), "old_logprobs": old_logprobs,
-            "values": values * mask, "advantages": advantages, "returns": returns,
-            "score": score, "kl": kl.sum(-1), "ends": ends, "dense": dense, "stop": stop, "stopped": stopped.float()}
-
-
-def ppo_update(policy, critic, opt_p, opt_c, batch, args, accelerator, P, step):
-    """Clipped policy loss and clipped value loss on one mini-batch (CleanRL's names)."""
-    mask = batch["mask"]
-    with accelerator.accumulate(policy, critic):
-        logits = forward(policy, batch["seq"], batch["attn"]).logits[:, P - 1:-1]
-        logprobs = logprobs_of(logits, batch["response"], args.temperature)
-        ratio = (logprobs - batch["old_logprobs"]).exp()
-        pg_loss1 = -batch["advantages"] * ratio
-        pg_loss2 = -batch["advantages"] * ratio.clamp(1 - args.clip_eps, 1 + args.clip_eps)
-        pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
-        new_values = token_values(critic, batch["seq"], batch["attn"])[:, P - 1:-1]
-        v_clipped = batch["values"] + (new_values - batch["values"]).clamp(-args.value_clip, args.value_clip)
-        v_loss = 0.5 * masked_mean(torch.max((new_values - batch["returns"]) ** 2, (v_clipped - batch["returns"]) ** 2), mask)
-        check_finite(accelerator, pg_loss + v_loss, "PPO loss", step, args)
-        accelerator.backward(pg_loss + v_loss)  # disjoint parameters: one backward serves both models
-        accelerator.clip_grad_norm_(policy.parameters(), 1.0), accelerator.clip_grad_norm_(critic.parameters(), 1.0)
-        opt_p.step(), opt_c.step(), opt_p.zero_grad(), opt_c.zero_grad()
-    with torch.no_grad():
-        entropy = masked_mean(token_entropy(logits.float() / args.temperature), mask)
-        clipfrac = masked_mean(((ratio - 1).abs() > args.clip_eps).float(), mask)
-    return torch.stack([pg_loss.detach(), v_loss.detach(), clipfrac, entropy])
-
-
-@torch.no_grad()
-def evaluate_policy(policy, rm, ref_logits, loader, settings, args, stop_ids, tokenizer, accelerator):
-    """Mean RM score, exact toy score (toy task only) and flawed rate of samples on held-out prompts."""
-    torch.manual_seed(args.seed + 1)  # the same sampling noise before and after training
-    scores, toy, texts = [], [], []
-    for batch in loader:
-        seq, attn, response, mask, stop, stopped = generate(policy, batch["input_ids"], batch["attention_mask"], args,
-                                                             stop_ids, tokenizer.pad_token_id)
-        score = score_responses(ref_logits, rm, seq, attn, response, mask, stop, stopped, settings, args)[3]
-        scores.append(accelerator.gather_for_metrics(score))
-        texts += decode_responses(tokenizer, response, mask, stop)
-        toy += [toy_score(p, t) for p, t in zip(batch["prompt_text"], texts[-len(response):])]
-    out = {"reward": torch.cat(scores).mean().item()}
-    if not args.dataset:
-        toy = torch.tensor(accelerator.gather_for_metrics(toy), dtype=torch.float)
-        out.update(toy_score=toy.mean().item(), flawed_rate=(toy < 1).float().mean().item())
-    return out, texts
-
-
-def cat_padded(tensors):
-    """Concatenate rollout chunks along the batch, right-padding (B, T) tensors to the longest T with 0."""
-    if tensors[0].dim() == 1:
-        return torch.cat(tensors)
-    width = max(t.shape[1] for t in tensors)
-    return torch.cat([F.pad(t, (0, width - t.shape[1])) for t in tensors])
-
-
-def decode_responses(tokenizer, response, mask, stop):
-    return [tokenizer.decode(r[m.bool() & ~s], skip_special_tokens=True) for r, m, s in zip(response, mask, stop)]
-
-
-def ppo(args):
-    from tqdm.auto import tqdm
-    import datasets
-
-    args.output_dir = args.output_dir or TOY_PPO
-    rm_path = args.reward_model or (TOY_RM if not args.model else "") or fail("--reward-model is required with --model")
-    if rm_path == TOY_RM and not os.path.exists(os.path.join(TOY_RM, SETTINGS_FILE)):
-        print(f"building the toy reward model in {TOY_RM} ...", file=sys.stderr)
-        train_rm(RMArgs(overwrite=True))
-    settings = load_rm_settings(rm_path)
-    bandit_rm = math.isinf(settings["entropy_threshold"])
-    args.reward_mode = args.reward_mode or ("bandit" if bandit_rm else "token" if settings["entropy_threshold"] == 0 else "segment")
-    if args.reward_mode not in ("segment", "token", "bandit") or (args.reward_mode == "bandit") != bandit_rm:
-        fail(f"--reward-mode {args.reward_mode} does not fit a reward model trained with entropy threshold {settings['entropy_threshold']}")
-    if args.location_norm and "normalizer" not in settings:
-        fail(f"{rm_path} has no fitted normalizer: run fit-norm on it, or pass --no-location-norm")
-    if math.isnan(args.value_clip):
-        args.value_clip = 0.2 if args.reward_mode == "bandit" else 0.25  # PAPER §5
-    accelerator = make_accelerator(args)
-    if args.mini_batch_size % (args.grad_accum * accelerator.num_processes) or args.batch_size % args.mini_batch_size:
-        fail(f"--mini-batch-size {args.mini_batch_size} must divide --batch-size and split over --grad-accum x processes")
-    model_path = args.model or settings["reference_model"]
-    tokenizer, rm_tokenizer = load_tokenizer(model_path), load_tokenizer(rm_path)
-    if tokenizer.get_vocab() != rm_tokenizer.get_vocab():
-        fail(f"the reward model {rm_path} and the policy {model_path} use different tokenizers; they must share one")
-    tokenizer.padding_side = "left"  # Implementation detail: batched generation needs left padding
-    end_id = end_token_id(tokenizer, args.end_token or settings["end_token"])
-
-    # Prompts: toy prompts, or a dataset's prompts; the last --eval-prompts rows are held out.
-    ds = datasets.Dataset.from_list(toy_prompt_rows(20 * args.batch_size + args.eval_prompts, args.seed)) if not args.dataset else load_rows(args.dataset)
-
-    def encode_prompt(row):
-        text = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False)
-        return {"prompt_text": row["messages"][-1]["content"],
-                "input_ids": tokenizer(text, add_special_tokens=False)["input_ids"][-args.max_prompt_len:]}
-
-    ds = prompt_rows(ds).map(encode_prompt)
-    if len(ds) <= args.eval_prompts + args.batch_size:
-        fail(f"{len(ds)} prompts: need more than --eval-prompts ({args.eval_prompts}) + --batch-size ({args.batch_size})")
-    train_ds, eval_ds = ds.select(range(len(ds) - args.eval_prompts)), ds.select(range(len(ds) - args.eval_prompts, len(ds)))
-    if args.episodes > 0:
-        args.steps = max(1, int(args.episodes * len(train_ds)) // args.batch_size)
-    collate = lambda rows: {**tokenizer.pad({"input_ids": [r["input_ids"] for r in rows]}, return_tensors="pt"),
-                            "prompt_text": [r["prompt_text"] for r in rows]}
-    # The loaders get their own generator: iterating one must not draw from the global RNG that sampling uses
-    # (or a resumed run would sample differently from an uninterrupted one). The order itself is set per epoch.
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
-                                         generator=torch.Generator())
-    eval_loader = torch.utils.data.DataLoader(eval_ds, batch_size=args.rollout_chunk, collate_fn=collate)
-    prepare_output_dir(args, "ppo", accelerator)  # input checked: from here on, files are written
-
-    # Models: actor = SFT policy; reference = frozen SFT policy; critic = SFT backbone + zero head; RM.
-    frozen_bf16 = args.bf16 and args.lora_rank > 0  # with LoRA the base weights never train: keep them in bf16
-    policy, critic = load_model(model_path, bf16=frozen_bf16), load_model(model_path, "value", frozen_bf16)
-    torch.nn.init.zeros_(critic.score.weight)  # Implementation detail: a fresh head starts at 0, not at noise
-    policy, critic = trainable(policy, args, "causal"), trainable(critic, args, "value")
-    rm = load_model(rm_path, "value", args.bf16).eval().requires_grad_(False).to(accelerator.device)
-    if args.lora_rank:  # the reference is the policy with its adapters off: no second copy of the weights
-        def ref_logits(seq, attn):
-            with unwrap(policy).disable_adapter():
-                return forward(policy, seq, attn).logits
-    else:
-        ref = load_model(model_path, bf16=args.bf16).eval().requires_grad_(False).to(accelerator.device)
-        ref_logits = lambda seq, attn: forward(ref, seq, attn).logits
-    eos = policy.generation_config.eos_token_id  # an id, a list of ids (Phi-3 has several), or None
-    stop_ids = sorted({end_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])})
-    opt_p, sched_p = make_optimizer(policy, args, args.steps)
-    opt_c, sched_c = make_optimizer(critic, dataclasses.replace(args, lr=args.critic_lr), args.steps)
-    policy, opt_p = accelerator.prepare(policy, opt_p)  # one model per call: FSDP wraps models one at a time
-    critic, opt_c = accelerator.prepare(critic, opt_c)
-    loader, eval_loader = accelerator.prepare(loader, eval_loader)
-    accelerator.register_for_checkpointing(sched_p, sched_c)
-    state = load_checkpoint(accelerator, args) if args.resume else None
-    if state is None:
-        state = {"step": 0, "before": evaluate_policy(policy, rm, ref_logits, eval_loader, settings, args, stop_ids, tokenizer, accelerator)[0]}
-    before, metrics = state["before"], state.get("metrics", {})
-
-    bar = tqdm(range(state["step"], args.steps), desc="ppo", disable=not accelerator.is_local_main_process)
-    for step in bar:
-        start = time.perf_counter()
-        epoch, i = divmod(step, len(loader))  # a pass over the prompts is an epoch of the loader
-        if i == 0 or step == state["step"]:
-            loader.set_epoch(epoch)
-            batches = iter(accelerator.skip_first_batches(loader, i) if i else loader)
-        batch = next(batches)
-        policy.eval(), critic.eval()
-        chunks = [rollout(policy, ref_logits, critic, rm, ids, mask, settings, args, stop_ids, tokenizer.pad_token_id)
-                  for ids, mask in zip(batch["input_ids"].split(args.rollout_chunk), batch["attention_mask"].split(args.rollout_chunk))]
-        data = {k: cat_padded([c[k] for c in chunks]) for k in chunks[0]}
-        check_finite(accelerator, data["dense"], "reward", step + 1, args)
-        data["advantages"] = whiten(data["advantages"], data["mask"])
-        policy.train(), critic.train()
-        P, n, mb = batch["input_ids"].shape[1], len(data["seq"]), args.mini_batch_size // accelerator.num_processes // args.grad_accum
-        stats = []
-        for _ in range(args.ppo_epochs):
-            for idx in torch.randperm(n, device=data["seq"].device).split(mb):
-                stats.append(ppo_update(policy, critic, opt_p, opt_c, {k: v[idx] for k, v in data.items()}, args, accelerator, P, step + 1))
-        sched_p.step(), sched_c.step()
-        stats = torch.stack(stats).mean(0)
-        ends, mask = data["ends"].float(), data["mask"]
-        toy = [toy_score(p, t) for p, t in zip(batch["prompt_text"], decode_responses(tokenizer, data["response"], mask, data["stop"]))]
-        row = torch.stack([data["score"].mean(), data["kl"].mean(), mask.sum(-1).mean(), ends.sum(-1).mean(),
-                           (mask.sum() / ends.sum().clamp(min=1)), data["stopped"].mean(), *stats,
-                           torch.tensor(sum(toy) / len(toy), device=mask.device)])
-        row = accelerator.reduce(row, "mean").tolist()
-        metrics = dict(zip(["ppo/reward", "ppo/kl", "ppo/response_length", "segment/per_response", "segment/mean_length",
-                            "ppo/stopped", "losses/policy", "losses/value", "ppo/clipfrac", "ppo/entropy", "ppo/toy_score"], row))
-        if args.dataset:
-            del metrics["ppo/toy_score"]  # the exact checker exists for the toy task only
-        log_metrics(args, accelerator, {"step": step + 1, **metrics, "time/step_s": time.perf_counter() - start})
-        bar.set_postfix(reward=f"{metrics['ppo/reward']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
-        if accelerator.is_main_process and (step + 1) % max(1, args.steps // 4) == 0:
-            bar.write(sample_table(tokenizer, data, 0))
-        if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(accelerator, args, {"step": step + 1, "before": before, "metrics": metrics})
-
-    after, texts = evaluate_policy(policy, rm, ref_logits, eval_loader, settings, args, stop_ids, tokenizer, accelerator)
-    save_model(accelerator, policy, tokenizer, args.output_dir)
-    result = {"reward_before": round(before["reward"], 4), "reward_after": round(after["reward"], 4)}
-    if not args.dataset:
-        result.update(toy_score_before=round(before["toy_score"], 4), toy_score_after=round(after["toy_score"], 4),
-                      flawed_rate_before=round(before["flawed_rate"], 4), flawed_rate_after=round(after["flawed_rate"], 4))
-    return {**result, "kl": round(metrics["ppo/kl"], 4), "reward_mode": args.reward_mode, "output_dir": args.output_dir}
-
-
-def sample_table(tokenizer, data, i):
-    """One rollout cut into its segments, each with its dense reward: what the method sees."""
-    response, mask, ends, dense = data["response"][i], data["mask"][i].bool(), data["ends"][i], data["dense"][i]
-    stops = ends.nonzero().squeeze(1).tolist()
-    parts = [f"[{tokenizer.decode(response[a:b + 1])!s}|{dense[a:b + 1].sum().item():+.2f}]"
-             for a, b in zip([0] + [s + 1 for s in stops[:-1]], stops)]
-    return "sample: " + " ".join(parts) + f"  ({int(mask.sum())} tokens)"
-
-
-# ----------------------------------------------------------------------------------------------
-# `segment`: see what the method sees: a response cut into its entropy segments, with rewards.
-
-COLORS = ("\033[30;43m", "\033[30;46m")  # alternating backgrounds in the terminal
-
-
-def segment(args):
-    settings = load_rm_settings(args.reward_model) if args.reward_model else {}
-    threshold = settings.get("entropy_threshold", 1.0) if math.isnan(args.entropy_threshold) else args.entropy_threshold
-    if not threshold >= 0:
-        fail(f"--entropy-threshold must be >= 0, got {threshold}")
-    model_path = args.model or settings.get("reference_model") or toy_sft_model()
-    tokenizer, ref = load_tokenizer(model_path), load_model(model_path).eval()
-    if args.text:  # raw text: no template, no end token, every token is content
-        prompt_ids, response_ids = [], tokenizer(args.text, add_special_tokens=False)["input_ids"]
-    else:
-        if args.dataset:
-            rows = load_rows(args.dataset)
-            if not 0 <= args.row < len(rows):
-                fail(f"--row {args.row} is outside the dataset's {len(rows)} rows")
-            check_columns(rows, ["chosen"])
-            messages, response = split_conversation(rows[args.row], "chosen")
-        elif args.response:
-            messages, response = [{"role": "user", "content": args.prompt}], args.response
-        else:
-            messages, response = [{"role": "user", "content": "Name 3 colors."}], "Here are 3 colors: black, green, pink."
-        prompt_ids, response_ids = encode(tokenizer, messages, response, 10**9, end_token_id(tokenizer, args.end_token or settings.get("end_token", "")))
-    if not response_ids:
-        fail("the response is empty")
-    ids = torch.tensor([prompt_ids + response_ids])
-    mask = torch.ones_like(ids)
-    P, R = len(prompt_ids), len(response_ids)
-    entropy = reference_entropy(ref, ids, mask)[:, P:]  # (1, R)
-    content = torch.ones(1, R, dtype=torch.bool)
-    content[0, -1] = bool(args.text) or math.isinf(threshold)  # the end token is content only for the bandit
-    ends = segment_ends(entropy, content, threshold)[0]
-    rewards = None
-    if args.reward_model:
-        rewards = token_values(load_model(args.reward_model, "value").eval(), ids, mask)[0, P:].detach()
-    stops = ends.nonzero().squeeze(1).tolist()
-    rows = [{"text": tokenizer.decode(response_ids[a:b + 1]), "entropy": round(entropy[0, b].item(), 3),
-             **({"reward": round(rewards[b].item(), 3)} if rewards is not None else {})}
-            for a, b in zip([0] + [s + 1 for s in stops[:-1]], stops)]
-    print("".join(f"{COLORS[k % 2]}{r['text']}\033[0m" for k, r in enumerate(rows)))
-    for k, r in enumerate(rows):
-        print(f"{k + 1:3d}  H={r['entropy']:6.3f}" + (f"  r={r['reward']:+7.3f}" if "reward" in r else "") + f"  {r['text']!r}")
-    if args.html:
-        write_segments_html(args.html, rows, threshold)
-    return {"entropy_threshold": threshold, "segments": rows}
-
-
-def write_segments_html(path, rows, threshold):
-    spans = "".join(f'<span style="background:{("#fde68a", "#a5f3fc")[k % 2]}" title="H={r["entropy"]}'
-                    + (f' r={r["reward"]}' if "reward" in r else "") + f'">{html.escape(r["text"])}</span>'
-                    for k, r in enumerate(rows))
-    table = "".join(f"<tr><td>{k + 1}</td><td>{r['entropy']}</td><td>{r.get('reward', '')}</td>"
-                    f"<td>{html.escape(r['text'])}</td></tr>" for k, r in enumerate(rows))
-    with open(path, "w") as f:
-        f.write(f"<!doctype html><meta charset=utf-8><title>segments</title><p>entropy cutoff c = {threshold}</p>"
-                f"<p style='font:16px monospace;white-space:pre-wrap'>{spans}</p><table border=1 cellpadding=4>"
-                f"<tr><th>k</th><th>entropy at end</th><th>reward</th><th>segment</th></tr>{table}</table>")
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line: one subcommand per stage; dataclass fields become flags, checked before anything runs.
+# Command line: one subcommand per stage; dataclass fields become flags, resolved and checked once
+# before anything runs.
 
 RANGES = {  # flag: (test, what it must be)
-    "lr": (lambda v: 0 < v <= 1, "in (0, 1]"), "critic_lr": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "lr": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "critic_lr": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "entropy_threshold": (lambda v: v >= 0, ">= 0 (0: token level, inf: bandit)"),
-    "batch_size": (lambda v: v >= 1, ">= 1"), "grad_accum": (lambda v: v >= 1, ">= 1"), "epochs": (lambda v: v >= 1, ">= 1"),
-    "max_len": (lambda v: v >= 2, ">= 2"), "max_prompt_len": (lambda v: v >= 1, ">= 1"), "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "save_every": (lambda v: v >= 0, ">= 0"), "lora_rank": (lambda v: v >= 0, ">= 0"), "eval_size": (lambda v: v >= 1, ">= 1"),
-    "norm_samples": (lambda v: v >= 0, ">= 0"), "flawed_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "steps": (lambda v: v >= 1, ">= 1"), "episodes": (lambda v: v >= 0, ">= 0"), "mini_batch_size": (lambda v: v >= 1, ">= 1"),
-    "ppo_epochs": (lambda v: v >= 1, ">= 1"), "beta": (lambda v: v >= 0, ">= 0"), "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"), "clip_eps": (lambda v: v > 0, "> 0"), "temperature": (lambda v: v > 0, "> 0"),
-    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "max_new_tokens": (lambda v: v >= 1, ">= 1"),
-    "eval_prompts": (lambda v: v >= 1, ">= 1"), "rollout_chunk": (lambda v: v >= 1, ">= 1"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "grad_accum": (lambda v: v >= 1, ">= 1"),
+    "epochs": (lambda v: v >= 1, ">= 1"),
+    "max_len": (lambda v: v >= 2, ">= 2"),
+    "max_prompt_len": (lambda v: v >= 1, ">= 1"),
+    "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "save_every": (lambda v: v >= 0, ">= 0"),
+    "lora_rank": (lambda v: v >= 0, ">= 0"),
+    "eval_size": (lambda v: v >= 1, ">= 1"),
+    "norm_samples": (lambda v: v >= 0, ">= 0"),
+    "flawed_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "steps": (lambda v: v >= 1, ">= 1"),
+    "episodes": (lambda v: v >= 0, ">= 0"),
+    "mini_batch_size": (lambda v: v >= 1, ">= 1"),
+    "ppo_epochs": (lambda v: v >= 1, ">= 1"),
+    "beta": (lambda v: v >= 0, ">= 0"),
+    "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "clip_eps": (lambda v: v > 0, "> 0"),
+    "temperature": (lambda v: v > 0, "> 0"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "eval_prompts": (lambda v: v >= 1, ">= 1"),
+    "rollout_chunk": (lambda v: v >= 1, ">= 1"),
 }
+COMMANDS = {"sft": "toy-sft", "train-rm": "toy-rm", "fit-norm": "", "ppo": "toy-ppo", "segment": ""}
 
 
 def check_ranges(args):
-    """Out-of-range flags fail with one line before any model or file is touched (NaN fails every test)."""
-    if not isinstance(args, Common):
-        return
+    """Out-of-range flags fail with one line before any model or file is touched (NaN fails)."""
     for name, (ok, what) in RANGES.items():
         if hasattr(args, name) and not ok(getattr(args, name)):
             fail(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
     if args.max_prompt_len >= args.max_len:
         fail(f"--max-prompt-len ({args.max_prompt_len}) must be below --max-len ({args.max_len})")
     if isinstance(args, PPOArgs) and args.max_prompt_len + args.max_new_tokens > args.max_len:
-        fail(f"--max-prompt-len + --max-new-tokens ({args.max_prompt_len} + {args.max_new_tokens}) must not exceed --max-len ({args.max_len})")
+        fail(
+            f"--max-prompt-len + --max-new-tokens ({args.max_prompt_len} + "
+            f"{args.max_new_tokens}) must not exceed --max-len ({args.max_len})"
+        )
 
-COMMANDS = {"sft": (sft, SFTArgs), "train-rm": (train_rm, RMArgs), "fit-norm": (fit_norm, FitNormArgs),
-            "ppo": (ppo, PPOArgs), "segment": (segment, SegmentArgs)}
+
+def resolve(command, args):
+    """Every derived setting, once, right after parsing, with its checks: output directory, rows
+    per process per forward, and for ppo the reward model, reward mode and value clip."""
+    if isinstance(args, SegmentArgs):
+        return args
+    check_ranges(args)
+    if command == "fit-norm":
+        args.output_dir = args.reward_model  # the entropy cache goes beside the reward model
+    args.output_dir = args.output_dir or f"runs/{COMMANDS[command]}"
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    if args.batch_size % (args.grad_accum * processes):
+        fail(
+            f"--batch-size {args.batch_size} must be a multiple of --grad-accum x processes "
+            f"({args.grad_accum} x {processes})"
+        )
+    args.micro_batch = args.batch_size // (args.grad_accum * processes)
+    if command == "ppo":
+        if (
+            args.mini_batch_size % (args.grad_accum * processes)
+            or args.batch_size % args.mini_batch_size
+        ):
+            fail(
+                f"--mini-batch-size {args.mini_batch_size} must divide --batch-size and split "
+                "over --grad-accum x processes"
+            )
+        args.micro_batch = args.mini_batch_size // (args.grad_accum * processes)
+        if not args.reward_model and args.model:
+            fail("--reward-model is required with --model")
+        args.reward_model = args.reward_model or TOY_RM
+        resolve_reward(args, planned_rm_settings(args.reward_model))
+    return args
 
 
 def add_dataclass_args(parser, cls):
     for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
         name, help = "--" + f.name.replace("_", "-"), f.metadata.get("help")
         if f.type is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=help)
+            parser.add_argument(
+                name, action=argparse.BooleanOptionalAction, default=f.default, help=help
+            )
         else:
-            parser.add_argument(name, type=f.type, default=f.default, help=help, choices=f.metadata.get("choices"))
+            parser.add_argument(
+                name, type=f.type, default=f.default, help=help, choices=f.metadata.get("choices")
+            )
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1394,27 +2008,46 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(f"{message} (see {self.prog} --help)")
 
 
+ARGS = {
+    "sft": SFTArgs,
+    "train-rm": RMArgs,
+    "fit-norm": FitNormArgs,
+    "ppo": PPOArgs,
+    "segment": SegmentArgs,
+}
+
+
 def parse_args(argv=None):
     parser = ArgumentParser(prog="segment_rlhf.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    subparsers = {name: sub.add_parser(name) for name in COMMANDS}
-    for name, (_, cls) in COMMANDS.items():
+    subparsers = {name: sub.add_parser(name) for name in ARGS}
+    for name, cls in ARGS.items():
         add_dataclass_args(subparsers[name], cls)
     ns = parser.parse_args(argv)
-    if getattr(ns, "preset", ""):  # a preset changes the defaults; flags given explicitly still win
+    if getattr(ns, "preset", ""):  # a preset changes the defaults; explicit flags still win
         subparsers[ns.command].set_defaults(**preset_defaults(ns.preset, ns.command))
         ns = parser.parse_args(argv)
-    cls = COMMANDS[ns.command][1]
-    return ns.command, cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+    cls = ARGS[ns.command]
+    return ns.command, cls(
+        **{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init}
+    )
 
 
 def main(argv=None):
     command, args = parse_args(argv)
-    check_ranges(args)
+    args = resolve(command, args)
     if getattr(args, "dry_run", False):
-        print(json.dumps({"command": command, **dataclasses.asdict(args)}, indent=1))
-        return dataclasses.asdict(args)
-    result = COMMANDS[command][0](args)
+        resolved = {"command": command, **dataclasses.asdict(args)}
+        if command == "ppo":
+            resolved["reward_model_settings"] = planned_rm_settings(args.reward_model)
+            if args.episodes > 0:
+                resolved["steps"] = (
+                    f"--episodes {args.episodes} x prompts / --batch-size, counted at load"
+                )
+        print(json.dumps(resolved, indent=1))
+        return resolved
+    run = {"sft": sft, "train-rm": train_rm, "fit-norm": fit_norm, "ppo": ppo, "segment": segment}
+    result = run[command](args)
     print(json.dumps(result))
     return result
 

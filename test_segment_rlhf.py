@@ -1,4 +1,5 @@
 """Tests: pure functions on hand-built cases and properties, then short toy runs of each stage."""
+
 import json
 import math
 import os
@@ -8,14 +9,15 @@ import shutil
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import segment_rlhf as S
 
 INF = float("inf")
 
 
-# --- §1 entropy segmentation -------------------------------------------------------------------
+# --- 1. entropy segmentation ------------------------------------------------------------------
 
 
 def test_token_entropy_matches_definition_in_float32_and_bf16():
@@ -57,7 +59,9 @@ def test_segment_scores_is_mean_of_values_at_ends():
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 6), st.integers(1, 12), st.floats(0, 3), st.data())
 def test_segments_partition_every_response(B, T, threshold, data):
-    H = torch.tensor(data.draw(st.lists(st.floats(0.01, 4), min_size=B * T, max_size=B * T))).view(B, T)
+    H = torch.tensor(data.draw(st.lists(st.floats(0.01, 4), min_size=B * T, max_size=B * T))).view(
+        B, T
+    )
     start = torch.tensor(data.draw(st.lists(st.integers(0, T), min_size=B, max_size=B)))[:, None]
     content = torch.arange(T)[None] >= start
     ends = S.segment_ends(H, content, threshold)
@@ -65,17 +69,25 @@ def test_segments_partition_every_response(B, T, threshold, data):
     last = content.long().cumsum(-1) == content.sum(-1, keepdim=True)
     assert ((last & content) <= ends).all()  # the last content token always closes a segment
     seg = S.segment_positions(ends)
-    assert torch.allclose(seg.max(-1).values, content.any(-1).float())  # the last segment sits at p = 1
-    assert S.segment_ends(H, content, 0.0).equal(content)  # c = 0, positive entropies: one segment per token
-    assert (S.segment_ends(H, content, INF).sum(-1) == content.any(-1).long()).all()  # c = inf: one segment
+    assert torch.allclose(
+        seg.max(-1).values, content.any(-1).float()
+    )  # the last segment sits at p = 1
+    assert S.segment_ends(H, content, 0.0).equal(
+        content
+    )  # c = 0, positive entropies: one segment per token
+    assert (
+        S.segment_ends(H, content, INF).sum(-1) == content.any(-1).long()
+    ).all()  # c = inf: one segment
 
 
-# --- §3 normalization, §4 interpolation, §5 GAE --------------------------------------------------
+# --- 3. normalization, 4. interpolation, 5. PPO ---------------------------------------------------
 
 
 def test_segment_positions_hand_built():
     ends = torch.tensor([[0, 1, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0]]).bool()
-    assert torch.allclose(S.segment_positions(ends), torch.tensor([[0, 1 / 3, 0, 2 / 3, 1, 0], [0.0] * 6]))
+    assert torch.allclose(
+        S.segment_positions(ends), torch.tensor([[0, 1 / 3, 0, 2 / 3, 1, 0], [0.0] * 6])
+    )
 
 
 def test_fit_location_normalizer_recovers_known_lines():
@@ -97,14 +109,19 @@ def test_normalize_segment_rewards_closed_form():
     assert out[0].tolist() == pytest.approx([(3 - (lp + 1)) / (0.5 * lp + 2), 0.0, (5 - 1) / 2])
     # sigma(p) crossing zero is guarded, not divided by
     assert torch.isfinite(S.normalize_segment_rewards(values, ends, (0.0, 10.0, 0.0, 0.1))).all()
-    # positions below the fitted range use the smallest fitted position: p = 1/2 is read as p = 1 here
-    assert S.normalize_segment_rewards(values, ends, params, min_position=1.0)[0].tolist() == pytest.approx([1.0, 0.0, 2.0])
+    # positions below the fitted range use the smallest fitted position: p = 1/2 is read as p = 1
+    # here
+    assert S.normalize_segment_rewards(values, ends, params, min_position=1.0)[
+        0
+    ].tolist() == pytest.approx([1.0, 0.0, 2.0])
 
 
 def test_interpolate_rewards_three_modes():
     seg = torch.tensor([[0.0, 6.0, 0.0, 0.0, 3.0, 0.0]])
     ends = torch.tensor([[0, 1, 0, 0, 1, 0]]).bool()
-    content = torch.tensor([[1, 1, 1, 1, 1, 0]]).bool()  # segments [0, 1] and [2, 4]; last token is EOS
+    content = torch.tensor(
+        [[1, 1, 1, 1, 1, 0]]
+    ).bool()  # segments [0, 1] and [2, 4]; last token is EOS
     assert S.interpolate_rewards(seg, ends, content, "even").tolist() == [[3, 3, 1, 1, 1, 0]]
     assert S.interpolate_rewards(seg, ends, content, "last").tolist() == [[0, 6, 0, 0, 3, 0]]
     assert S.interpolate_rewards(seg, ends, content, "repeat").tolist() == [[6, 6, 3, 3, 3, 0]]
@@ -113,8 +130,13 @@ def test_interpolate_rewards_three_modes():
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 4), st.integers(1, 10), st.data())
 def test_even_interpolation_sums_to_segment_rewards(B, T, data):
-    H = torch.tensor(data.draw(st.lists(st.floats(0, 3), min_size=B * T, max_size=B * T))).view(B, T)
-    content = torch.arange(T)[None] >= torch.tensor(data.draw(st.lists(st.integers(0, T), min_size=B, max_size=B)))[:, None]
+    H = torch.tensor(data.draw(st.lists(st.floats(0, 3), min_size=B * T, max_size=B * T))).view(
+        B, T
+    )
+    content = (
+        torch.arange(T)[None]
+        >= torch.tensor(data.draw(st.lists(st.integers(0, T), min_size=B, max_size=B)))[:, None]
+    )
     ends = S.segment_ends(H, content, 1.5)
     seg = torch.randn(B, T) * ends
     dense = S.interpolate_rewards(seg, ends, content, "even")
@@ -152,8 +174,12 @@ def test_gae_lambda_one_is_reward_to_go_minus_value(T, n):
 
 def test_toy_score_checks_each_flaw():
     assert S.toy_score("Name 3 colors.", "Here are 3 colors: red, blue, pink.") == 1.0
-    assert S.toy_score("Name 3 colors.", "Here are 3 colors: red, blue, goat.") == pytest.approx(2 / 3)
-    assert S.toy_score("Name 3 colors.", "Here are 3 colors: red, red, pink.") == pytest.approx(2 / 3)
+    assert S.toy_score("Name 3 colors.", "Here are 3 colors: red, blue, goat.") == pytest.approx(
+        2 / 3
+    )
+    assert S.toy_score("Name 3 colors.", "Here are 3 colors: red, red, pink.") == pytest.approx(
+        2 / 3
+    )
     assert S.toy_score("Name 3 colors.", "Here are 3 colors: red, blue, pink, gray.") == 0.75
     assert S.toy_score("Name 3 colors.", "Here are 3 fruits: fig, plum, kiwi.") == 0.0
     assert S.toy_score("Name 3 colors.", "red, blue, pink") == 0.0
@@ -163,22 +189,39 @@ def test_toy_pairs_are_deterministic_minimal_edits():
     rows = S.toy_preference_rows(50, seed=3)
     assert rows == S.toy_preference_rows(50, seed=3)
     for r in rows:
-        assert S.toy_score(r["prompt"], r["chosen"]) == 1.0 > S.toy_score(r["prompt"], r["rejected"])
+        assert (
+            S.toy_score(r["prompt"], r["chosen"]) == 1.0 > S.toy_score(r["prompt"], r["rejected"])
+        )
         items = r["chosen"].split(": ")[1].rstrip(".").split(", ")
         assert items == sorted(items)  # alphabetical: a repeat can only sit next to its twin
     for i in range(20):  # a duplicate repeats its left neighbour
-        items = S.toy_response(random.Random(i), 4, "fruits", "duplicate").split(": ")[1].rstrip(".").split(", ")
+        items = (
+            S.toy_response(random.Random(i), 4, "fruits", "duplicate")
+            .split(": ")[1]
+            .rstrip(".")
+            .split(", ")
+        )
         assert len(set(items)) == 3 and items == sorted(items)
 
 
-# --- toy runs: sft -> train-rm -> segment / fit-norm / ppo ------------------------------------------
+# --- toy runs: sft -> train-rm -> segment / fit-norm / ppo ----------------------------------------
 
 
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     sft = S.main(["sft", "--epochs", "3", "--output-dir", str(root / "sft")])
-    rm = S.main(["train-rm", "--model", sft["output_dir"], "--epochs", "3", "--output-dir", str(root / "rm")])
+    rm = S.main(
+        [
+            "train-rm",
+            "--model",
+            sft["output_dir"],
+            "--epochs",
+            "3",
+            "--output-dir",
+            str(root / "rm"),
+        ]
+    )
     return {"root": root, "sft": sft["output_dir"], "rm": rm["output_dir"], "rm_result": rm}
 
 
@@ -187,7 +230,9 @@ def test_toy_segment_rm_learns(toy):
     assert result["eval_accuracy"] >= 0.8  # chance is 0.5
     rows = [json.loads(line) for line in open(os.path.join(toy["rm"], "metrics.jsonl"))]
     assert rows[-1]["rm/chosen_score"] > rows[-1]["rm/rejected_score"]
-    assert 3 < rows[-1]["segment/per_response"] < 7  # header + one segment per item, not one per token
+    assert (
+        3 < rows[-1]["segment/per_response"] < 7
+    )  # header + one segment per item, not one per token
     saved = json.load(open(os.path.join(toy["rm"], S.SETTINGS_FILE)))
     assert saved["entropy_threshold"] == 1.0 and len(saved["normalizer"]) == 4 and saved["std"] > 0
 
@@ -199,33 +244,74 @@ def test_saved_rm_loads_with_auto_class_and_gives_same_values(toy):
     auto = AutoModelForSequenceClassification.from_pretrained(toy["rm"]).eval()
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     mask = torch.ones_like(ids)
-    assert torch.allclose(S.token_values(ours, ids, mask), S.token_values(auto, ids, mask), atol=1e-5)
-    assert torch.allclose(S.token_values(auto, ids, mask)[:, -1], auto(input_ids=ids).logits[:, 0], atol=1e-5)
+    assert torch.allclose(
+        S.token_values(ours, ids, mask), S.token_values(auto, ids, mask), atol=1e-5
+    )
+    assert torch.allclose(
+        S.token_values(auto, ids, mask)[:, -1], auto(input_ids=ids).logits[:, 0], atol=1e-5
+    )
 
 
 def test_toy_segmentation_cuts_at_list_separators(toy, capsys):
-    out = S.main(["segment", "--model", toy["sft"], "--prompt", "Name 3 colors.", "--response",
-                  "Here are 3 colors: black, green, pink.", "--html", str(toy["root"] / "seg.html")])
-    assert [s["text"] for s in out["segments"]] == ["Here are 3 colors:", " black,", " green,", " pink."]
+    out = S.main(
+        [
+            "segment",
+            "--model",
+            toy["sft"],
+            "--prompt",
+            "Name 3 colors.",
+            "--response",
+            "Here are 3 colors: black, green, pink.",
+            "--html",
+            str(toy["root"] / "seg.html"),
+        ]
+    )
+    assert [s["text"] for s in out["segments"]] == [
+        "Here are 3 colors:",
+        " black,",
+        " green,",
+        " pink.",
+    ]
     assert "black" in open(toy["root"] / "seg.html").read()
 
 
 def test_segment_rewards_single_out_the_flawed_item(toy):
     def rewards(items):
-        out = S.main(["segment", "--reward-model", toy["rm"], "--prompt", "Name 4 fruits.", "--response", f"Here are 4 fruits: {items}."])
+        out = S.main(
+            [
+                "segment",
+                "--reward-model",
+                toy["rm"],
+                "--prompt",
+                "Name 4 fruits.",
+                "--response",
+                f"Here are 4 fruits: {items}.",
+            ]
+        )
         return [s["reward"] for s in out["segments"]]  # header, then one segment per item
 
     wrong = rewards("apple, tiger, kiwi, plum")
-    assert wrong[2] < 0 < min(wrong[0], wrong[1])  # " tiger," is negative, what precedes it positive
+    assert (
+        wrong[2] < 0 < min(wrong[0], wrong[1])
+    )  # " tiger," is negative, what precedes it positive
     repeat = rewards("apple, fig, fig, plum")
     assert repeat[3] < 0 < min(repeat[:3])  # the second " fig," is negative, the first one is not
 
 
 def test_both_dataset_layouts_from_local_files(toy):
     root, tok = toy["root"], S.load_tokenizer(toy["sft"])
-    standard = {"prompt": "Name 2 fruits.", "chosen": "Here are 2 fruits: fig, kiwi.", "rejected": "Here are 2 fruits: fig, cat."}
-    conv = {k: [{"role": "user", "content": standard["prompt"]}, {"role": "assistant", "content": standard[k]}]
-            for k in ("chosen", "rejected")}
+    standard = {
+        "prompt": "Name 2 fruits.",
+        "chosen": "Here are 2 fruits: fig, kiwi.",
+        "rejected": "Here are 2 fruits: fig, cat.",
+    }
+    conv = {
+        k: [
+            {"role": "user", "content": standard["prompt"]},
+            {"role": "assistant", "content": standard[k]},
+        ]
+        for k in ("chosen", "rejected")
+    }
     (root / "standard.jsonl").write_text(json.dumps(standard) + "\n")
     (root / "conv.jsonl").write_text(json.dumps(conv) + "\n")
     args = S.RMArgs()
@@ -245,64 +331,164 @@ def test_fit_norm_refits_the_saved_normalizer(toy):
 def test_short_toy_ppo_raises_the_reward_and_saves_a_loadable_policy(toy):
     from transformers import AutoModelForCausalLM
 
-    out = S.main(["ppo", "--reward-model", toy["rm"], "--steps", "8", "--batch-size", "32", "--mini-batch-size", "16",
-                  "--rollout-chunk", "8", "--eval-prompts", "64", "--output-dir", str(toy["root"] / "ppo")])
+    out = S.main(
+        [
+            "ppo",
+            "--reward-model",
+            toy["rm"],
+            "--steps",
+            "8",
+            "--batch-size",
+            "32",
+            "--mini-batch-size",
+            "16",
+            "--rollout-chunk",
+            "8",
+            "--eval-prompts",
+            "64",
+            "--output-dir",
+            str(toy["root"] / "ppo"),
+        ]
+    )
     assert out["reward_after"] > out["reward_before"] and math.isfinite(out["toy_score_after"])
     rows = [json.loads(line) for line in open(toy["root"] / "ppo" / "metrics.jsonl")]
     assert len(rows) == 8 and rows[0]["segment/per_response"] > 2
-    for key in ("ppo/kl", "losses/policy", "losses/value", "ppo/clipfrac", "ppo/entropy", "segment/mean_length"):
+    for key in (
+        "ppo/kl",
+        "losses/policy",
+        "losses/value",
+        "ppo/clipfrac",
+        "ppo/entropy",
+        "segment/mean_length",
+    ):
         assert math.isfinite(rows[-1][key])
     AutoModelForCausalLM.from_pretrained(out["output_dir"])
 
 
-# --- bad input: one clear line, non-zero exit --------------------------------------------------------
+# --- bad input: one clear line, non-zero exit -----------------------------------------------------
 
-# One row per kind of bad input, as in the README's table: argv ({sft}, {rm}, {tmp} filled in) and the
-# expected message. Every run also gets --output-dir {tmp}/out where the command takes one, and must not create it.
+# One row per kind of bad input, as in the README's table: argv ({sft}, {rm}, {tmp} filled in) and
+# the expected message. Every run also gets --output-dir {tmp}/out where the command takes one, and
+# must not create it.
 BAD_INPUT = {
     "unknown subcommand": (["trian-rm"], "invalid choice: 'trian-rm'"),
-    "unknown flag": (["train-rm", "--learning-rate", "1e-4"], "unrecognized arguments: --learning-rate"),
+    "unknown flag": (
+        ["train-rm", "--learning-rate", "1e-4"],
+        "unrecognized arguments: --learning-rate",
+    ),
     "flag value of the wrong type": (["ppo", "--steps", "ten"], "invalid int value: 'ten'"),
-    "value not among the choices": (["ppo", "--interpolation", "linear"], "invalid choice: 'linear'"),
-    "entropy threshold below 0": (["train-rm", "--entropy-threshold", "-1"], "--entropy-threshold must be >= 0"),
+    "value not among the choices": (
+        ["ppo", "--interpolation", "linear"],
+        "invalid choice: 'linear'",
+    ),
+    "entropy threshold below 0": (
+        ["train-rm", "--entropy-threshold", "-1"],
+        "--entropy-threshold must be >= 0",
+    ),
     "learning rate out of range": (["train-rm", "--lr", "0"], "--lr must be in (0, 1]"),
     "learning rate NaN": (["ppo", "--critic-lr", "nan"], "--critic-lr must be in (0, 1]"),
-    "prompt limit leaves no room for a response": (["train-rm", "--max-prompt-len", "64", "--max-len", "64"], "must be below --max-len"),
-    "generation longer than the length limit": (["ppo", "--max-new-tokens", "100"], "must not exceed --max-len"),
+    "prompt limit leaves no room for a response": (
+        ["train-rm", "--max-prompt-len", "64", "--max-len", "64"],
+        "must be below --max-len",
+    ),
+    "generation longer than the length limit": (
+        ["ppo", "--max-new-tokens", "100"],
+        "must not exceed --max-len",
+    ),
     "unknown preset": (["ppo", "--preset", "gpt5"], "unknown --preset 'gpt5'"),
     "checkpoint flags on sft": (["sft", "--resume"], "sft has no checkpoints"),
     "model that does not exist": (["train-rm", "--model", "{tmp}/nope"], "does not exist"),
-    "dataset file that does not exist": (["train-rm", "--model", "{sft}", "--dataset", "{tmp}/nope.jsonl"], "does not exist"),
-    "dataset file that is not JSON lines": (["train-rm", "--model", "{sft}", "--dataset", "{tmp}/bad.jsonl"], "could not read"),
-    "missing or misnamed columns": (["train-rm", "--model", "{sft}", "--dataset", "{tmp}/cols.jsonl"], "found ['question', 'answer']"),
-    "non-string message contents": (["train-rm", "--model", "{sft}", "--dataset", "{tmp}/int_prompt.jsonl"], "message contents must be strings"),
-    "conversation whose last turn is the user's": (["train-rm", "--model", "{sft}", "--dataset", "{tmp}/user_last.jsonl"],
-                                                   "must end with an assistant turn"),
-    "every pair longer than --max-len": (["train-rm", "--model", "{sft}", "--dataset", "{tmp}/long.jsonl"], "no usable preference pairs"),
-    "chosen identical to rejected everywhere": (["train-rm", "--model", "{sft}", "--dataset", "{tmp}/same.jsonl"], "chosen identical"),
-    "eval split as large as the data": (["train-rm", "--model", "{sft}", "--dataset", "{tmp}/pairs.jsonl", "--eval-size", "5"],
-                                        "--eval-size 5 must be between"),
-    "batch that does not split": (["train-rm", "--model", "{sft}", "--batch-size", "30", "--grad-accum", "4"], "must be a multiple"),
-    "end token not in the vocabulary": (["train-rm", "--model", "{sft}", "--end-token", "<|eot_id|>"], "not in the tokenizer's vocabulary"),
-    "output directory holding a different run": (["train-rm", "--model", "{sft}", "--epochs", "1", "--output-dir", "{rm}"],
-                                                 "holds a different run; pass --overwrite"),
-    "reward model without its settings file": (["ppo", "--reward-model", "{sft}"], "has no segment_rlhf.json"),
-    "reward mode the reward model was not trained for": (["ppo", "--reward-model", "{rm}", "--reward-mode", "bandit"], "does not fit"),
-    "reward model without a fitted normalizer": (["ppo", "--reward-model", "{tmp}/rm-no-norm"], "no fitted normalizer"),
-    "prompt dataset without prompts": (["ppo", "--reward-model", "{rm}", "--dataset", "{tmp}/cols.jsonl"], "needs a 'prompt' column"),
-    "fewer prompts than one batch": (["ppo", "--reward-model", "{rm}", "--dataset", "{tmp}/pairs.jsonl"], "need more than --eval-prompts"),
-    "segment row outside the dataset": (["segment", "--model", "{sft}", "--dataset", "{tmp}/pairs.jsonl", "--row", "9"], "outside the dataset"),
+    "dataset file that does not exist": (
+        ["train-rm", "--model", "{sft}", "--dataset", "{tmp}/nope.jsonl"],
+        "does not exist",
+    ),
+    "dataset file that is not JSON lines": (
+        ["train-rm", "--model", "{sft}", "--dataset", "{tmp}/bad.jsonl"],
+        "could not read",
+    ),
+    "missing or misnamed columns": (
+        ["train-rm", "--model", "{sft}", "--dataset", "{tmp}/cols.jsonl"],
+        "found ['question', 'answer']",
+    ),
+    "non-string message contents": (
+        ["train-rm", "--model", "{sft}", "--dataset", "{tmp}/int_prompt.jsonl"],
+        "message contents must be strings",
+    ),
+    "conversation whose last turn is the user's": (
+        ["train-rm", "--model", "{sft}", "--dataset", "{tmp}/user_last.jsonl"],
+        "must end with an assistant turn",
+    ),
+    "every pair longer than --max-len": (
+        ["train-rm", "--model", "{sft}", "--dataset", "{tmp}/long.jsonl"],
+        "no usable preference pairs",
+    ),
+    "chosen identical to rejected everywhere": (
+        ["train-rm", "--model", "{sft}", "--dataset", "{tmp}/same.jsonl"],
+        "chosen identical",
+    ),
+    "eval split as large as the data": (
+        ["train-rm", "--model", "{sft}", "--dataset", "{tmp}/pairs.jsonl", "--eval-size", "5"],
+        "--eval-size 5 must be between",
+    ),
+    "batch that does not split": (
+        ["train-rm", "--model", "{sft}", "--batch-size", "30", "--grad-accum", "4"],
+        "must be a multiple",
+    ),
+    "end token not in the vocabulary": (
+        ["train-rm", "--model", "{sft}", "--end-token", "<|eot_id|>"],
+        "not in the tokenizer's vocabulary",
+    ),
+    "output directory holding a different run": (
+        ["train-rm", "--model", "{sft}", "--epochs", "1", "--output-dir", "{rm}"],
+        "holds a different run; pass --overwrite",
+    ),
+    "reward model without its settings file": (
+        ["ppo", "--reward-model", "{sft}"],
+        "has no segment_rlhf.json",
+    ),
+    "reward mode the reward model was not trained for": (
+        ["ppo", "--reward-model", "{rm}", "--reward-mode", "bandit"],
+        "does not fit",
+    ),
+    "reward model without a fitted normalizer": (
+        ["ppo", "--reward-model", "{tmp}/rm-no-norm"],
+        "no fitted normalizer",
+    ),
+    "prompt dataset without prompts": (
+        ["ppo", "--reward-model", "{rm}", "--dataset", "{tmp}/cols.jsonl"],
+        "needs a 'prompt' column",
+    ),
+    "fewer prompts than one batch": (
+        ["ppo", "--reward-model", "{rm}", "--dataset", "{tmp}/pairs.jsonl"],
+        "need more than --eval-prompts",
+    ),
+    "segment row outside the dataset": (
+        ["segment", "--model", "{sft}", "--dataset", "{tmp}/pairs.jsonl", "--row", "9"],
+        "outside the dataset",
+    ),
 }
 
 
 @pytest.fixture(scope="module")
 def bad_files(toy, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad")
-    pair = {"prompt": "Name 2 fruits.", "chosen": "Here are 2 fruits: fig, kiwi.", "rejected": "Here are 2 fruits: fig, cat."}
-    conv = [{"role": "user", "content": "Name 2 fruits."}, {"role": "assistant", "content": "fig, kiwi"}]
-    files = {"cols": [{"question": "q", "answer": "a"}], "same": [{**pair, "rejected": pair["chosen"]}] * 3,
-             "int_prompt": [{**pair, "prompt": 3}], "user_last": [{"chosen": conv[:1], "rejected": conv[:1]}],
-             "long": [{**pair, "chosen": "fig, " * 60}] * 3, "pairs": [pair] * 5}
+    pair = {
+        "prompt": "Name 2 fruits.",
+        "chosen": "Here are 2 fruits: fig, kiwi.",
+        "rejected": "Here are 2 fruits: fig, cat.",
+    }
+    conv = [
+        {"role": "user", "content": "Name 2 fruits."},
+        {"role": "assistant", "content": "fig, kiwi"},
+    ]
+    files = {
+        "cols": [{"question": "q", "answer": "a"}],
+        "same": [{**pair, "rejected": pair["chosen"]}] * 3,
+        "int_prompt": [{**pair, "prompt": 3}],
+        "user_last": [{"chosen": conv[:1], "rejected": conv[:1]}],
+        "long": [{**pair, "chosen": "fig, " * 60}] * 3,
+        "pairs": [pair] * 5,
+    }
     for name, rows in files.items():
         (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp / "bad.jsonl").write_text("not json\n")
@@ -318,7 +504,12 @@ def test_bad_input_gets_one_clear_line_and_writes_nothing(case, toy, bad_files):
     argv, message = BAD_INPUT[case]
     argv = [a.format(sft=toy["sft"], rm=toy["rm"], tmp=bad_files) for a in argv]
     out = bad_files / "out"
-    if argv[0] in S.COMMANDS and argv[0] != "segment" and "--output-dir" not in argv and "unrecognized" not in message:
+    if (
+        argv[0] in S.COMMANDS
+        and argv[0] != "segment"
+        and "--output-dir" not in argv
+        and "unrecognized" not in message
+    ):
         argv += ["--output-dir", str(out)]
     before = open(os.path.join(toy["rm"], "args.json")).read()
     with pytest.raises(SystemExit) as e:
@@ -337,17 +528,22 @@ def test_bf16_on_a_gpu_without_bf16_is_refused(toy, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-# --- faults: checkpoints, resume, non-finite values ------------------------------------------------------
+# --- faults: checkpoints, resume, non-finite values -----------------------------------------------
 
 
 def crash_at_checkpoint(monkeypatch, n):
-    """The n-th checkpoint save dies half-way (after writing, before the rename), like a killed process."""
+    """The n-th checkpoint save dies half-way (after writing, before the rename).
+
+    Like a killed process.
+    """
     calls = []
 
     def save(accelerator, args, state):
         calls.append(state["step"])
         if len(calls) == n:
-            monkeypatch.setattr(S.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+            monkeypatch.setattr(
+                S.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt)
+            )
         save_checkpoint(accelerator, args, state)
 
     save_checkpoint = S.save_checkpoint
@@ -359,11 +555,35 @@ def crash_at_checkpoint(monkeypatch, n):
 def test_resumed_run_equals_uninterrupted_run(command, toy, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in S.toy_preference_rows(300, seed=7)))
-    argv = {"train-rm": ["train-rm", "--model", toy["sft"], "--dataset", str(tmp_path / "pairs.jsonl"), "--eval-size", "44",
-                         "--epochs", "2"],  # 8 steps an epoch
-            "ppo": ["ppo", "--reward-model", toy["rm"], "--steps", "7", "--batch-size", "16", "--mini-batch-size", "8",
-                    "--eval-prompts", "16"]}[command]
+    (tmp_path / "pairs.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in S.toy_preference_rows(300, seed=7))
+    )
+    argv = {
+        "train-rm": [
+            "train-rm",
+            "--model",
+            toy["sft"],
+            "--dataset",
+            str(tmp_path / "pairs.jsonl"),
+            "--eval-size",
+            "44",
+            "--epochs",
+            "2",
+        ],  # 8 steps an epoch
+        "ppo": [
+            "ppo",
+            "--reward-model",
+            toy["rm"],
+            "--steps",
+            "7",
+            "--batch-size",
+            "16",
+            "--mini-batch-size",
+            "8",
+            "--eval-prompts",
+            "16",
+        ],
+    }[command]
     whole = S.main(argv + ["--output-dir", str(tmp_path / "whole")])
     crashed = argv + ["--output-dir", str(tmp_path / "run"), "--save-every", "3"]
     calls = crash_at_checkpoint(monkeypatch, 2)
@@ -373,9 +593,18 @@ def test_resumed_run_equals_uninterrupted_run(command, toy, tmp_path, monkeypatc
     assert calls == [3, 6] and sorted(os.listdir(tmp_path / "run")).count("checkpoint-6.tmp") == 1
     resumed = S.main(crashed + ["--resume"])  # picks checkpoint-3: checkpoint-6 was never completed
     assert {**resumed, "output_dir": None} == {**whole, "output_dir": None}
-    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
+    a, b = (
+        load_file(tmp_path / "whole" / "model.safetensors"),
+        load_file(tmp_path / "run" / "model.safetensors"),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda path: [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in open(path)]
+
+    def strip(path):
+        return [
+            {k: v for k, v in json.loads(line).items() if not k.startswith("time/")}
+            for line in open(path)
+        ]
+
     assert strip(tmp_path / "run" / "metrics.jsonl") == strip(tmp_path / "whole" / "metrics.jsonl")
 
 
@@ -387,11 +616,30 @@ def test_non_finite_loss_stops_the_run_naming_step_and_checkpoint(toy, tmp_path,
         return segment_scores(values, ends) * (float("nan") if len(calls) == 5 else 1.0)
 
     monkeypatch.setattr(S, "segment_scores", nan_at_call_5)
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in S.toy_preference_rows(300, seed=7)))
+    (tmp_path / "pairs.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in S.toy_preference_rows(300, seed=7))
+    )
     out = tmp_path / "rm"
-    with pytest.raises(SystemExit, match=re.escape(f"non-finite loss at step 5; last good checkpoint: {out}/checkpoint-4") + "$"):
-        S.main(["train-rm", "--model", toy["sft"], "--dataset", str(tmp_path / "pairs.jsonl"), "--eval-size", "44",
-                "--save-every", "2", "--output-dir", str(out)])
+    with pytest.raises(
+        SystemExit,
+        match=re.escape(f"non-finite loss at step 5; last good checkpoint: {out}/checkpoint-4")
+        + "$",
+    ):
+        S.main(
+            [
+                "train-rm",
+                "--model",
+                toy["sft"],
+                "--dataset",
+                str(tmp_path / "pairs.jsonl"),
+                "--eval-size",
+                "44",
+                "--save-every",
+                "2",
+                "--output-dir",
+                str(out),
+            ]
+        )
 
 
 def test_non_finite_reward_stops_ppo(toy, tmp_path, monkeypatch):
@@ -405,20 +653,44 @@ def test_non_finite_reward_stops_ppo(toy, tmp_path, monkeypatch):
 
     monkeypatch.setattr(S, "rollout", nan_reward_at_step_2)
     with pytest.raises(SystemExit, match="non-finite reward at step 2; last good checkpoint: none"):
-        S.main(["ppo", "--reward-model", toy["rm"], "--steps", "3", "--batch-size", "16", "--mini-batch-size", "8",
-                "--eval-prompts", "16", "--output-dir", str(tmp_path / "ppo")])
+        S.main(
+            [
+                "ppo",
+                "--reward-model",
+                toy["rm"],
+                "--steps",
+                "3",
+                "--batch-size",
+                "16",
+                "--mini-batch-size",
+                "8",
+                "--eval-prompts",
+                "16",
+                "--output-dir",
+                str(tmp_path / "ppo"),
+            ]
+        )
 
 
-# --- paper presets -------------------------------------------------------------------------------------
+# --- paper presets --------------------------------------------------------------------------------
 
 
 def test_preset_fills_paper_values_and_flags_override(capsys):
     args = S.main(["train-rm", "--preset", "phi3-mini", "--lr", "2e-6", "--dry-run"])
     assert args["model"] == "microsoft/Phi-3-mini-4k-instruct" and args["entropy_threshold"] == 1.75
-    assert args["dataset"] == "hendrydong/preference_700K" and args["max_len"] == 2048 and args["max_prompt_len"] == 1728
-    assert args["lr"] == 2e-6 and args["batch_size"] == 128  # explicit flag wins, the rest is the paper's
+    assert (
+        args["dataset"] == "hendrydong/preference_700K"
+        and args["max_len"] == 2048
+        and args["max_prompt_len"] == 1728
+    )
+    assert (
+        args["lr"] == 2e-6 and args["batch_size"] == 128
+    )  # explicit flag wins, the rest is the paper's
     ppo = S.main(["ppo", "--preset", "llama3-sft-8b", "--dry-run"])
-    assert ppo["reward_model"] == "yyqoni/rlhflow-llama-3-sft-8b-v2-segment-rm-700k" and ppo["beta"] == 0.01
+    assert (
+        ppo["reward_model"] == "yyqoni/rlhflow-llama-3-sft-8b-v2-segment-rm-700k"
+        and ppo["beta"] == 0.01
+    )
     assert ppo["critic_lr"] == 9e-6 and ppo["episodes"] == 1 and ppo["end_token"] == "<|eot_id|>"
     with pytest.raises(SystemExit, match="unknown --preset"):
         S.main(["ppo", "--preset", "gpt5", "--dry-run"])
@@ -426,72 +698,163 @@ def test_preset_fills_paper_values_and_flags_override(capsys):
 
 def test_released_reward_models_get_the_authors_settings():
     seg = S.load_rm_settings("yyqoni/Phi-3-mini-4k-instruct-segment-rm-700k")
-    assert seg["entropy_threshold"] == 1.75 and seg["normalizer"] == [0.7668, 0.2569, 0.4705, 2.8339]
+    assert seg["entropy_threshold"] == 1.75 and seg["normalizer"] == [
+        0.7668,
+        0.2569,
+        0.4705,
+        2.8339,
+    ]
     token = S.load_rm_settings("yyqoni/meta-llama-3.1-instruct-8b-token-rm-700k")
-    assert token["entropy_threshold"] == 0.0 and token["normalizer"] == [1.6268, 0.6254, 0.6419, 4.9217]
+    assert token["entropy_threshold"] == 0.0 and token["normalizer"] == [
+        1.6268,
+        0.6254,
+        0.6419,
+        4.9217,
+    ]
     bandit = S.load_rm_settings("yyqoni/rlhflow-llama-3-sft-8b-v2-bandit-rm-700k")
-    assert math.isinf(bandit["entropy_threshold"]) and (bandit["mean"], bandit["std"]) == (-0.8164, 2.9531)
+    assert math.isinf(bandit["entropy_threshold"]) and (bandit["mean"], bandit["std"]) == (
+        -0.8164,
+        2.9531,
+    )
 
 
-# --- LoRA (peft): adapters on the trained models, the reference is the policy with adapters off -------------
+# --- LoRA (peft): adapters on the trained models, the reference is the policy with adapters off ---
 
 
 def test_lora_reward_model_and_ppo(toy):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     root = toy["root"]
-    rm = S.main(["train-rm", "--model", toy["sft"], "--lora-rank", "16", "--lora-alpha", "32", "--lr", "2e-3", "--epochs", "2",
-                 "--output-dir", str(root / "rm-lora")])
+    rm = S.main(
+        [
+            "train-rm",
+            "--model",
+            toy["sft"],
+            "--lora-rank",
+            "16",
+            "--lora-alpha",
+            "32",
+            "--lr",
+            "2e-3",
+            "--epochs",
+            "2",
+            "--output-dir",
+            str(root / "rm-lora"),
+        ]
+    )
     assert rm["eval_accuracy"] > 0.7  # chance is 0.5
-    AutoModelForSequenceClassification.from_pretrained(rm["output_dir"])  # adapters merged into plain weights
-    out = S.main(["ppo", "--reward-model", rm["output_dir"], "--lora-rank", "8", "--steps", "2", "--batch-size", "16",
-                  "--mini-batch-size", "8", "--eval-prompts", "16", "--output-dir", str(root / "ppo-lora")])
+    AutoModelForSequenceClassification.from_pretrained(
+        rm["output_dir"]
+    )  # adapters merged into plain weights
+    out = S.main(
+        [
+            "ppo",
+            "--reward-model",
+            rm["output_dir"],
+            "--lora-rank",
+            "8",
+            "--steps",
+            "2",
+            "--batch-size",
+            "16",
+            "--mini-batch-size",
+            "8",
+            "--eval-prompts",
+            "16",
+            "--output-dir",
+            str(root / "ppo-lora"),
+        ]
+    )
     rows = [json.loads(line) for line in open(root / "ppo-lora" / "metrics.jsonl")]
-    assert abs(rows[0]["ppo/kl"]) < 1e-4  # before any update, policy == reference (adapters start at zero)
+    assert (
+        abs(rows[0]["ppo/kl"]) < 1e-4
+    )  # before any update, policy == reference (adapters start at zero)
     assert math.isfinite(out["reward_after"])
     AutoModelForCausalLM.from_pretrained(out["output_dir"])
 
 
-# --- several processes (DDP over gloo on CPU, through accelerate) ------------------------------------
+# --- several processes (DDP over gloo on CPU, through accelerate) ---------------------------------
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(toy, tmp_path):
     import subprocess
     import sys
 
-    # 256 training pairs (8 global batches of 32) and 64 held out: no process ever gets a short batch, which
-    # accelerate would complete with repeated samples, so 2 x 16 pairs must give the gradient of 32.
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in S.toy_preference_rows(320, seed=3)))
+    # 256 training pairs (8 global batches of 32) and 64 held out: no process ever gets a short
+    # batch, which accelerate would complete with repeated samples, so 2 x 16 pairs must give the
+    # gradient of 32.
+    (tmp_path / "pairs.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in S.toy_preference_rows(320, seed=3))
+    )
 
     def run(n, out):
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)] if n > 1 else [sys.executable]
-        cmd = launch + [S.__file__, "train-rm", "--model", toy["sft"], "--dataset", str(tmp_path / "pairs.jsonl"), "--eval-size", "64",
-                        "--epochs", "2", "--output-dir", str(out)]
-        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        launch = (
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
+            if n > 1
+            else [sys.executable]
+        )
+        cmd = launch + [
+            S.__file__,
+            "train-rm",
+            "--model",
+            toy["sft"],
+            "--dataset",
+            str(tmp_path / "pairs.jsonl"),
+            "--eval-size",
+            "64",
+            "--epochs",
+            "2",
+            "--output-dir",
+            str(out),
+        ]
+        subprocess.run(
+            cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
         return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
     one, two = run(1, tmp_path / "ddp1"), run(2, tmp_path / "ddp2")
     assert [r["processes"] for r in one + two] == [1, 1, 2, 2]
     for a, b in zip(one, two):
-        for key in ("rm/loss", "rm/accuracy", "rm/chosen_score", "rm/rejected_score", "segment/per_response"):
+        for key in (
+            "rm/loss",
+            "rm/accuracy",
+            "rm/chosen_score",
+            "rm/rejected_score",
+            "segment/per_response",
+        ):
             assert b[key] == pytest.approx(a[key], abs=1e-5), key  # seen: within 2e-7
 
 
 def test_openrlhf_layout_reward_model_reads_per_token_values(tmp_path):
-    """A tiny checkpoint in the released models' layout: `model.*` backbone + `score.weight`, no bias,
-    `mean` / `std` in the config, pad == eos (as in Phi-3's tokenizer)."""
+    """A tiny checkpoint in the released models' layout.
+
+    `model.*` backbone + `score.weight`, no bias, `mean` / `std` in the config, pad == eos (as in
+    Phi-3's tokenizer)."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, num_labels=1, pad_token_id=3, eos_token_id=3)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=3,
+        eos_token_id=3,
+    )
     config.mean, config.std = -0.5195, 2.1563
     LlamaForSequenceClassification(config).save_pretrained(tmp_path)
     model = S.load_model(str(tmp_path), "value").eval()
     ids = torch.tensor([[5, 6, 7, 3, 3], [5, 6, 7, 8, 3]])  # row 0 is right-padded with pad == eos
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
     values = S.token_values(model, ids, mask)
-    expected = model.score(model.model(input_ids=ids, attention_mask=mask).last_hidden_state).squeeze(-1)
-    assert values.shape == (2, 5) and torch.allclose(values[mask.bool()], expected[mask.bool()], atol=1e-5)
+    expected = model.score(
+        model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    ).squeeze(-1)
+    assert values.shape == (2, 5) and torch.allclose(
+        values[mask.bool()], expected[mask.bool()], atol=1e-5
+    )
     # the segment read-out uses the response span from the mask, not a search for the pad token
     content = torch.tensor([[0, 1, 1, 0, 0], [0, 1, 1, 1, 0]]).bool()
     ends = S.segment_ends(torch.zeros(2, 5), content, INF)
@@ -499,15 +862,30 @@ def test_openrlhf_layout_reward_model_reads_per_token_values(tmp_path):
 
 
 def test_gpu_smoke_script_runs_its_code_path_on_cpu(tmp_path):
-    """benchmarks/gpu_smoke.py has never had a GPU: keep its code path (one train-rm step, one LoRA PPO
-    step, through segment_rlhf's own functions) working at tiny size on the CPU."""
+    """benchmarks/gpu_smoke.py has never had a GPU: keep its code path working at tiny size on CPU.
+
+    (One train-rm step, one LoRA PPO step, through segment_rlhf's own functions.)"""
     import subprocess
     import sys
 
     script = os.path.join(os.path.dirname(S.__file__), "benchmarks", "gpu_smoke.py")
-    subprocess.run([sys.executable, script, "--tiny", "--out", str(tmp_path / "smoke.json")], check=True, capture_output=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    subprocess.run(
+        [sys.executable, script, "--tiny", "--out", str(tmp_path / "smoke.json")],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+    )
     result = json.load(open(tmp_path / "smoke.json"))
-    assert [p["phase"] for p in result["phases"]] == ["train-rm step", "ppo generate", "ppo score", "ppo update"]
-    assert all(p["tokens_per_s"] > 0 for p in result["phases"]) and result["ppo/trainable_policy"] < result["ppo/params_policy"]
-    assert math.isfinite(result["rm/loss"]) and result["ppo/kl"] == 0.0  # LoRA starts as a no-op: policy == reference
+    assert [p["phase"] for p in result["phases"]] == [
+        "train-rm step",
+        "ppo generate",
+        "ppo score",
+        "ppo update",
+    ]
+    assert (
+        all(p["tokens_per_s"] > 0 for p in result["phases"])
+        and result["ppo/trainable_policy"] < result["ppo/params_policy"]
+    )
+    assert (
+        math.isfinite(result["rm/loss"]) and result["ppo/kl"] == 0.0
+    )  # LoRA starts as a no-op: policy == reference
