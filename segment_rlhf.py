@@ -87,6 +87,8 @@ class Common:
     dry_run: bool = arg(False, "print the resolved configuration and exit")
     save_every: int = arg(0, "train-rm, ppo: checkpoint every N optimizer steps / iterations")
     resume: bool = arg(False, "train-rm, ppo: continue from the newest checkpoint")
+    min_lr_ratio: float = arg(0.0, "cosine decay to this fraction of --lr (the authors: 0.1)")
+    long_pairs: str = arg("skip", "pairs over --max-len", choices=("skip", "truncate"))
     micro_batch: int = field(default=0, init=False)  # derived: rows per process per forward
 
 
@@ -134,6 +136,15 @@ class PPOArgs(Common):
     top_p: float = arg(1.0, "nucleus sampling")
     max_new_tokens: int = arg(24, "generation length limit")
     missing_eos_penalty: float = arg(1.0, "subtracted at the end of unended responses (paper 0)")
+    end_penalty: float = arg(
+        float("nan"),
+        "reward at every token of responses without end or "
+        "over --end-penalty-len, instead of theirs (default: preset's, else 0)",
+    )
+    end_penalty_len: int = arg(800, "response length over which --end-penalty applies")
+    length_norm: bool = arg(
+        None, "divide every token reward by the response length (default: the preset's, else off)"
+    )
     eval_prompts: int = arg(128, "held-out prompts scored before and after training")
     rollout_chunk: int = arg(64, "prompts generated and scored at once per process (memory)")
 
@@ -337,6 +348,19 @@ def dense_rewards(rm_values, entropy, mask, stop, mode, threshold, norm, interpo
     return dense, ends, segment_scores(rm_values, ends)
 
 
+def end_penalty_rewards(dense, mask, stopped, penalty, max_len):
+    """The "end penalty" of the authors' Llama-3.1-Instruct segment run: a response without an
+    end token, or longer than max_len tokens, gets `penalty` at every token instead."""
+    penalized = ~stopped | (mask.sum(-1) > max_len)
+    return torch.where(penalized[:, None], penalty * mask.float(), dense)
+
+
+def length_normalized_rewards(dense, mask):
+    """The authors' Llama-3-SFT token-level run: every token reward divided by the response
+    length, so a response's rewards sum to its mean token reward."""
+    return dense / mask.sum(-1, keepdim=True).clamp(min=1)
+
+
 def kl_penalized_rewards(dense, logprobs, ref_logprobs, mask, beta):
     """R_t = clamp(r_t, -10, 10) - beta (log pi - log pi_ref); also the (B, T) KL estimate."""
     kl = (logprobs - ref_logprobs) * mask
@@ -364,13 +388,24 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
+def sequence_mean(x, mask):
+    """Mean over each sequence's tokens, then over the sequences: every response weighs the same
+    however long it is (a plain token mean over the batch lets long responses dominate)."""
+    return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+
+
 def masked_var(x, mask):
     return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
 
 
-def whiten(x, mask):
-    """(x - mean) / std over the masked entries of the rollout batch."""
-    return (x - masked_mean(x, mask)) * torch.rsqrt(masked_var(x, mask) + 1e-8) * mask
+def whiten(x, mask, all_sum=lambda t: t):
+    """(x - mean) / std over the masked entries of the rollout batch. `all_sum` sums a tensor
+    over the data-parallel processes, so each process whitens its share with the statistics of
+    the whole batch, as one process holding all of it would."""
+    n = all_sum(mask.sum()).clamp(min=1)
+    mean = all_sum((x * mask).sum()) / n
+    var = all_sum(((x - mean) ** 2 * mask).sum()) / n
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
 def logprobs_of(logits, tokens, temperature):
@@ -381,18 +416,20 @@ def logprobs_of(logits, tokens, temperature):
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
-    """Clipped surrogate: mean of max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))."""
+    """Clipped surrogate max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)), ratio = pi / pi_old,
+    averaged over each response's tokens, then over the responses."""
     ratio = (logprobs - old_logprobs).exp()
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
-    return masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+    return sequence_mean(torch.max(pg_loss1, pg_loss2), mask)
 
 
 def value_loss(values, old_values, returns, mask, clip):
-    """Clipped value loss: 0.5 mean of max((V - R)^2, (V_clipped - R)^2), the new value kept
-    within `clip` of the value at rollout time."""
+    """Clipped value loss 0.5 max((V - R)^2, (V_clipped - R)^2), the new value kept within
+    `clip` of the value at rollout time; averaged like the policy loss."""
     v_clipped = old_values + (values - old_values).clamp(-clip, clip)
-    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
+    squared = torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
+    return 0.5 * sequence_mean(squared, mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,7 +490,7 @@ def train_rm(args):
         log_metrics(args, accelerator, metrics)
         if accelerator.is_main_process:
             bar.write(json.dumps(metrics))
-    save_reward_model(args, accelerator, model, tokenizer, model_path, split["train"])
+    save_reward_model(args, accelerator, model, tokenizer, model_path, split["train"], eval_loader)
     return {
         "eval_accuracy": round(metrics["rm/accuracy"], 4),
         "rm/loss": round(metrics["rm/loss"], 4),
@@ -477,12 +514,20 @@ def rm_setup(args, accelerator, model_path, tokenizer, ds):
     eval_loader = torch.utils.data.DataLoader(split["test"], batch, collate_fn=collate)
     set_seed(args.seed)  # the head's random init must not depend on what ran before in the process
     model = load_model(model_path, "value", args.bf16 and args.lora_rank > 0)
-    model = trainable(model, args, "value")
+    model = trainable(init_head(model), args, "value")
     steps = args.epochs * math.ceil(len(train_loader) / args.grad_accum)
     optimizer, scheduler = make_optimizer(model, args, steps)
     prepared = accelerator.prepare(model, optimizer, train_loader, eval_loader, scheduler)
     model, optimizer, train_loader, eval_loader, scheduler = prepared
     return model, optimizer, scheduler, train_loader, eval_loader, split
+
+
+def init_head(model):
+    """A fresh scalar head ~ N(0, 1 / (H + 1)) for hidden size H, as the authors initialize the
+    reward model's and the critic's: small values whatever the width."""
+    head = unwrap(model).score.weight
+    torch.nn.init.normal_(head, std=1 / (unwrap(model).config.hidden_size + 1))
+    return model
 
 
 def rm_forward(model, batch, threshold):
@@ -534,32 +579,36 @@ def collect_segment_rewards(model, loader, threshold, accelerator):
     return torch.cat(positions), torch.cat(rewards), torch.cat(scores)
 
 
-def normalizer_settings(positions, rewards, scores):
+def normalizer_settings(positions, rewards, scores, responses):
     """What PPO needs to normalize: the location-aware fit, and the scalar mean / std (bandit)."""
     return {
         "normalizer": list(fit_location_normalizer(positions, rewards)),
         "min_position": positions.min().item(),
         "mean": scores.mean().item(),
         "std": scores.std().item(),
-        "norm_samples": len(scores),
+        "norm_samples": responses,
     }
 
 
-def save_reward_model(args, accelerator, model, tokenizer, model_path, train_ds):
-    """Fit the normalizer on (a sample of) the training responses, save model and settings."""
+def save_reward_model(args, accelerator, model, tokenizer, model_path, train_ds, eval_loader):
+    """Fit the location-aware normalizer on (a sample of) the training responses and take the
+    bandit's mean and std on the held-out split, as the authors do; save model and settings."""
     n = min(args.norm_samples or len(train_ds), len(train_ds))
     collate = pair_collate(tokenizer.pad_token_id, math.isinf(args.entropy_threshold))
     batch = args.batch_size // args.grad_accum
     loader = torch.utils.data.DataLoader(train_ds.select(range(n)), batch, collate_fn=collate)
     loader = accelerator.prepare(loader)
-    stats = collect_segment_rewards(model, loader, args.entropy_threshold, accelerator)
+    positions, rewards, _ = collect_segment_rewards(
+        model, loader, args.entropy_threshold, accelerator
+    )
+    scores = collect_segment_rewards(model, eval_loader, args.entropy_threshold, accelerator)[2]
     save_model(accelerator, model, tokenizer, args.output_dir)
     local = os.path.isdir(model_path)
     settings = {
         "entropy_threshold": args.entropy_threshold,
         "reference_model": os.path.abspath(model_path) if local else model_path,
         "end_token": args.end_token or tokenizer.eos_token,
-        **normalizer_settings(*stats),
+        **normalizer_settings(positions, rewards, scores, 2 * n),
     }
     if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, SETTINGS_FILE), "w") as f:
@@ -582,7 +631,7 @@ def fit_norm(args):
     loader = accelerator.prepare(loader)
     model = load_model(args.reward_model, "value", args.bf16).to(accelerator.device)
     positions, rewards, scores = collect_segment_rewards(model, loader, threshold, accelerator)
-    settings.update(normalizer_settings(positions, rewards, scores))
+    settings.update(normalizer_settings(positions, rewards, scores, len(scores)))
     if accelerator.is_main_process:
         with open(os.path.join(args.reward_model, SETTINGS_FILE), "w") as f:
             json.dump(settings, f, indent=1)
@@ -620,7 +669,8 @@ def ppo(args):
         parts = [rollout(run, ids, mask, args) for ids, mask in chunks]
         data = {k: cat_padded([part[k] for part in parts]) for k in parts[0]}
         check_finite(accelerator, data["dense"], "reward", step + 1, args)
-        data["advantages"] = whiten(data["advantages"], data["mask"])
+        all_sum = lambda t: accelerator.reduce(t, "sum")  # noqa: E731
+        data["advantages"] = whiten(data["advantages"], data["mask"], all_sum)
         # 2. Epochs of clipped mini-batch updates over the rollout batch.
         policy.train()
         critic.train()
@@ -714,6 +764,12 @@ def score_responses(run, sample, args):
     )
     last = mask & (mask.long().cumsum(-1) == mask.sum(-1, keepdim=True))
     dense = dense - args.missing_eos_penalty * (last & ~sample["stopped"][:, None])
+    if args.end_penalty:
+        dense = end_penalty_rewards(
+            dense, mask, sample["stopped"], args.end_penalty, args.end_penalty_len
+        )
+    if args.length_norm:
+        dense = length_normalized_rewards(dense, mask)
     return ref_logprobs, dense, ends, score
 
 
@@ -798,7 +854,7 @@ def ppo_metrics(run, data, stats, prompts, args):
         texts = decode_responses(run.tokenizer, data["response"], mask, data["stop"])
         toy = [toy_score(p, t) for p, t in zip(prompts, texts)]
         m["ppo/toy_score"] = torch.tensor(sum(toy) / len(toy), device=mask.device)
-    return reduce_dict(run.accelerator, m, "mean")
+    return {**reduce_dict(run.accelerator, m, "mean"), "processes": run.accelerator.num_processes}
 
 
 @torch.no_grad()
@@ -871,7 +927,7 @@ def load_ppo_models(run, args, model_path):
     frozen_bf16 = args.bf16 and args.lora_rank > 0  # LoRA: base weights never train, keep bf16
     run.policy = load_model(model_path, bf16=frozen_bf16)
     run.critic = load_model(model_path, "value", frozen_bf16)
-    torch.nn.init.zeros_(run.critic.score.weight)  # Implementation detail: a fresh head starts at 0
+    init_head(run.critic)
     run.policy = trainable(run.policy, args, "causal")
     run.critic = trainable(run.critic, args, "value")
     device = run.accelerator.device
@@ -1203,6 +1259,10 @@ def prepare_pairs(ds, tokenizer, args, end_id):
         prompt_ids, chosen_ids = encode(tokenizer, messages, chosen, args.max_prompt_len, end_id)
         rejected = split_conversation(row, "rejected")
         _, rejected_ids = encode(tokenizer, *rejected, args.max_prompt_len, end_id)
+        if args.long_pairs == "truncate":  # the authors' way: cut, and end on the end token
+            room = args.max_len - len(prompt_ids)
+            chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+            chosen_ids[-1] = rejected_ids[-1] = end_id
         skip = ""
         if min(len(chosen_ids), len(rejected_ids)) < 2:
             skip = "empty response"
@@ -1469,12 +1529,14 @@ def trainable(model, args, kind):
 
 
 def make_optimizer(model, args, total_steps):
-    """AdamW with the paper's betas (0.9, 0.95), linear warm-up then cosine decay."""
+    """AdamW with the paper's betas (0.9, 0.95), linear warm-up, then cosine decay to
+    --min-lr-ratio x --lr."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = math.ceil(args.warmup_ratio * total_steps)
+    floor = {"min_lr_rate": args.min_lr_ratio}
     scheduler = get_scheduler(
-        "cosine", optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+        "cosine_with_min_lr", optimizer, warmup, total_steps, scheduler_specific_kwargs=floor
     )
     return optimizer, scheduler
 
@@ -1623,8 +1685,10 @@ def check_finite(accelerator, value, what, step, args):
 # ----------------------------------------------------------------------------------------------
 # Reward model settings and the paper's presets.
 
-# The paper's runs: model, cutoff c, end token, episodes, released reward models, and the authors'
-# fitted normalizers (a_mu, a_sigma, b_mu, b_sigma) at c and at c = 0, and bandit (mean, std).
+# The paper's runs: model, cutoff c, end token, episodes, released reward models, the authors'
+# fitted normalizers (a_mu, a_sigma, b_mu, b_sigma) at c and at c = 0, the bandit's (mean, std),
+# and the reward tweaks of their runs by reward mode (see end_penalty_rewards and
+# length_normalized_rewards).
 PAPER_MODELS = {
     "phi3-mini": dict(
         model="microsoft/Phi-3-mini-4k-instruct",
@@ -1635,6 +1699,7 @@ PAPER_MODELS = {
         segment=(0.7668, 0.2569, 0.4705, 2.8339),
         token=(0.9628, 0.3796, 1.2917, 3.5006),
         bandit=(-0.5195, 2.1563),
+        recipe={},
     ),
     "llama3-sft-8b": dict(
         model="RLHFlow/LLaMA3-SFT-v2",
@@ -1645,6 +1710,7 @@ PAPER_MODELS = {
         segment=(0.8967, 0.5680, 0.8572, 4.1667),
         token=(1.7340, 0.9906, 1.3212, 5.4513),
         bandit=(-0.8164, 2.9531),
+        recipe={"token": {"length_norm": True}},
     ),
     "llama31-instruct-8b": dict(
         model="meta-llama/Llama-3.1-8B-Instruct",
@@ -1655,6 +1721,7 @@ PAPER_MODELS = {
         segment=(0.8345, 0.4780, 0.8798, 3.7358),
         token=(1.6268, 0.6254, 0.6419, 4.9217),
         bandit=(-0.8281, 2.9375),
+        recipe={"segment": {"end_penalty": -0.05}},
     ),
 }
 PAPER_RM = dict(
@@ -1665,10 +1732,9 @@ PAPER_RM = dict(
     grad_accum=16,
     max_len=2048,
     max_prompt_len=1728,
-    bf16=True,
-    gradient_checkpointing=True,
     eval_size=1000,
-    norm_samples=30000,
+    norm_samples=60000,
+    long_pairs="truncate",
 )
 PAPER_PPO = dict(
     dataset="argilla/ultrafeedback-binarized-preferences-cleaned",
@@ -1683,11 +1749,8 @@ PAPER_PPO = dict(
     max_len=2048,
     beta=0.01,
     missing_eos_penalty=0.0,
-    temperature=1.0,
-    top_p=1.0,
-    bf16=True,
-    gradient_checkpointing=True,
 )
+PAPER_BOTH = dict(bf16=True, gradient_checkpointing=True, min_lr_ratio=0.1)
 
 
 def preset_defaults(name, command):
@@ -1698,12 +1761,13 @@ def preset_defaults(name, command):
     common = {"model": m["model"], "end_token": m["end_token"]}
     if command == "train-rm":
         out = f"runs/{name}-segment-rm"
-        return {**PAPER_RM, **common, "entropy_threshold": m["c"], "output_dir": out}
+        return {**PAPER_RM, **PAPER_BOTH, **common, "entropy_threshold": m["c"], "output_dir": out}
     if command == "ppo":
         rm = m["rm"].format("segment")
         out = f"runs/{name}-segment-ppo"
         return {
             **PAPER_PPO,
+            **PAPER_BOTH,
             **common,
             "episodes": m["episodes"],
             "reward_model": rm,
@@ -1769,6 +1833,12 @@ def resolve_reward(args, settings):
         )
     if math.isnan(args.value_clip):
         args.value_clip = 0.2 if args.reward_mode == "bandit" else 0.25  # the paper's values
+    recipe = PAPER_MODELS[args.preset]["recipe"] if args.preset else {}
+    recipe = recipe.get(args.reward_mode, {})
+    if args.length_norm is None:
+        args.length_norm = recipe.get("length_norm", False)
+    if math.isnan(args.end_penalty):
+        args.end_penalty = recipe.get("end_penalty", 0.0)
 
 
 def ensure_reward_model(args):
@@ -1937,6 +2007,8 @@ RANGES = {  # flag: (test, what it must be)
     "max_new_tokens": (lambda v: v >= 1, ">= 1"),
     "eval_prompts": (lambda v: v >= 1, ">= 1"),
     "rollout_chunk": (lambda v: v >= 1, ">= 1"),
+    "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "end_penalty_len": (lambda v: v >= 1, ">= 1"),
 }
 COMMANDS = {"sft": "toy-sft", "train-rm": "toy-rm", "fit-norm": "", "ppo": "toy-ppo", "segment": ""}
 

@@ -169,6 +169,73 @@ def test_gae_lambda_one_is_reward_to_go_minus_value(T, n):
     assert torch.allclose(adv, (to_go - v) * mask, atol=1e-5)
 
 
+def test_ppo_losses_average_each_response_then_the_batch():
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])  # responses of 1 and 3 tokens
+    adv = torch.tensor([[1.0, 0.0, 0.0], [2.0, 2.0, 2.0]])
+    zeros = torch.zeros(2, 3)
+    # ratio 1: loss -A per token; per response -1 and -2, mean -1.5 (a token mean gives -1.75)
+    assert S.policy_loss(zeros, zeros, adv, mask, 0.2).item() == pytest.approx(-1.5)
+    # ratio e > 1 + eps with A > 0: the clipped term -1.2 A is the larger one
+    assert S.policy_loss(zeros + 1, zeros, adv, mask, 0.2).item() == pytest.approx(-1.2 * 1.5)
+    returns = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]])
+    values = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    # squared errors: row 0 [1], row 1 [1, 4, 9]; means 1 and 14/3; 0.5 x their mean = 17/12
+    loss = S.value_loss(values, zeros, returns, mask, clip=10.0)
+    assert loss.item() == pytest.approx(17 / 12)
+    # clipped: the new value 1 is held to 0 + 0.25 and the larger error (0.25 - 1)^2 counts
+    one = torch.ones(1, 1)
+    assert S.value_loss(one, 0 * one, one, one, clip=0.25).item() == pytest.approx(0.5 * 0.5625)
+
+
+def test_end_penalty_and_length_norm_hand_built():
+    dense = torch.tensor([[1.0, 2.0, 0.0], [1.0, 1.0, 1.0], [3.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]]).bool()
+    stopped = torch.tensor([True, False, True])
+    # row 0 ended but is longer than 1 token, row 1 never ended: both get -0.05 at every token
+    out = S.end_penalty_rewards(dense, mask, stopped, -0.05, max_len=1)
+    assert torch.allclose(out, torch.tensor([[-0.05, -0.05, 0.0], [-0.05] * 3, [3.0, 0.0, 0.0]]))
+    out = S.end_penalty_rewards(dense, mask, stopped, -0.05, max_len=2)
+    assert out[0].tolist() == [1.0, 2.0, 0.0] and out[1].tolist() == pytest.approx([-0.05] * 3)
+    normed = S.length_normalized_rewards(dense, mask)
+    assert torch.allclose(normed, torch.tensor([[0.5, 1.0, 0.0], [1 / 3] * 3, [3.0, 0.0, 0.0]]))
+
+
+def test_whiten_is_zero_mean_unit_variance_over_the_mask():
+    x, mask = torch.randn(4, 6) * 3 + 2, (torch.rand(4, 6) > 0.3).float()
+    w = S.whiten(x, mask)[mask.bool()]
+    assert w.mean().abs() < 1e-5 and w.pow(2).mean().sqrt() == pytest.approx(1, abs=1e-4)
+    assert (S.whiten(x, mask) * (1 - mask)).abs().sum() == 0
+
+
+def test_cosine_schedule_decays_to_its_floor():
+    model = torch.nn.Linear(1, 1)
+    args = S.RMArgs(lr=1.0, min_lr_ratio=0.1, warmup_ratio=0.0)
+    optimizer, scheduler = S.make_optimizer(model, args, 10)
+    lrs = []
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    assert lrs[4] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[-1] == pytest.approx(0.1)
+
+
+def test_scalar_heads_start_with_the_authors_small_init():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=1024,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=1,
+    )
+    head = S.init_head(LlamaForSequenceClassification(config)).score.weight
+    assert head.std().item() == pytest.approx(1 / 1025, rel=0.15)
+
+
 # --- toy task -------------------------------------------------------------------------------------
 
 
@@ -718,6 +785,39 @@ def test_released_reward_models_get_the_authors_settings():
     )
 
 
+def test_presets_carry_the_authors_recipe_details():
+    seg = S.main(["ppo", "--preset", "llama31-instruct-8b", "--dry-run"])
+    assert seg["end_penalty"] == -0.05 and seg["length_norm"] is False
+    assert seg["min_lr_ratio"] == 0.1 and seg["reward_model_settings"]["entropy_threshold"] == 2.0
+    token_rm = "yyqoni/rlhflow-llama-3-sft-8b-v2-token-rm-700k"
+    token = S.main(["ppo", "--preset", "llama3-sft-8b", "--reward-model", token_rm, "--dry-run"])
+    assert token["reward_mode"] == "token" and token["length_norm"] is True
+    assert token["end_penalty"] == 0.0 and token["value_clip"] == 0.25
+    rm = S.main(["train-rm", "--preset", "phi3-mini", "--dry-run"])
+    assert rm["norm_samples"] == 60000 and rm["long_pairs"] == "truncate" and rm["micro_batch"] == 8
+    toy = S.main(["ppo", "--dry-run"])
+    assert toy["end_penalty"] == 0.0 and toy["length_norm"] is False and toy["min_lr_ratio"] == 0
+
+
+def test_long_pairs_are_truncated_to_end_on_the_end_token_or_skipped(toy):
+    import datasets
+
+    tok = S.load_tokenizer(toy["sft"])
+    row = {
+        "prompt": "Name 2 fruits.",
+        "chosen": "Here are 2 fruits: " + "fig, " * 40 + "kiwi.",
+        "rejected": "Here are 2 fruits: " + "kiwi, " * 40 + "fig.",
+    }
+    ds = datasets.Dataset.from_list([row])
+    args = S.RMArgs(long_pairs="truncate")
+    pair = S.prepare_pairs(ds, tok, args, S.end_token_id(tok))[0]
+    for key in ("chosen_ids", "rejected_ids"):
+        assert len(pair["prompt_ids"]) + len(pair[key]) == args.max_len
+        assert pair[key][-1] == tok.eos_token_id
+    with pytest.raises(SystemExit, match="longer than --max-len"):
+        S.prepare_pairs(ds, tok, S.RMArgs(), S.end_token_id(tok))
+
+
 # --- LoRA (peft): adapters on the trained models, the reference is the policy with adapters off ---
 
 
@@ -889,3 +989,54 @@ def test_gpu_smoke_script_runs_its_code_path_on_cpu(tmp_path):
     assert (
         math.isfinite(result["rm/loss"]) and result["ppo/kl"] == 0.0
     )  # LoRA starts as a no-op: policy == reference
+
+
+WHITEN_ON_TWO_PROCESSES = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import segment_rlhf as S
+from accelerate import Accelerator
+
+accelerator = Accelerator(cpu=True)
+g = torch.Generator().manual_seed(0)
+x, mask = torch.randn(8, 7, generator=g), (torch.rand(8, 7, generator=g) > 0.3).float()
+mine = slice(4 * accelerator.process_index, 4 * accelerator.process_index + 4)
+half = S.whiten(x[mine], mask[mine], lambda t: accelerator.reduce(t, "sum"))
+every = accelerator.gather(half)
+if accelerator.is_main_process:
+    print("max difference", (every - S.whiten(x, mask)).abs().max().item())
+"""
+
+
+def test_two_processes_whiten_advantages_like_one_and_run_ppo(toy, tmp_path):
+    import subprocess
+    import sys
+
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = tmp_path / "whiten.py"
+    script.write_text(WHITEN_ON_TWO_PROCESSES)
+    repo = os.path.dirname(os.path.abspath(S.__file__))
+    out = subprocess.run(launch + [str(script), repo], check=True, capture_output=True, env=env)
+    assert float(out.stdout.decode().split("max difference")[1]) < 1e-6
+    argv = [
+        "ppo",
+        "--reward-model",
+        toy["rm"],
+        "--steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--mini-batch-size",
+        "8",
+        "--rollout-chunk",
+        "8",
+        "--eval-prompts",
+        "16",
+        "--output-dir",
+        str(tmp_path / "ppo"),
+    ]
+    subprocess.run(launch + [S.__file__, *argv], check=True, capture_output=True, env=env)
+    rows = [json.loads(line) for line in open(tmp_path / "ppo" / "metrics.jsonl")]
+    assert [r["processes"] for r in rows] == [2, 2]
+    assert all(math.isfinite(r["losses/policy"]) and math.isfinite(r["ppo/kl"]) for r in rows)
