@@ -213,10 +213,16 @@ def segment_ends(entropy, content_mask, threshold):
 
 def token_values(model, input_ids, attention_mask):
     """(B, T) head output at every position: the reward model's v[t], or the critic's value.
-    The pooled sequence-classification logit reads one position only, so it is not used."""
-    out = forward(model, input_ids, attention_mask, output_hidden_states=True)
-    head = unwrap(model).score
-    return head(out.hidden_states[-1].to(head.weight.dtype)).squeeze(-1).float()
+    The model's own output pools the value at one position, so a hook reads the head's output
+    at every position as the forward computes it: no second pass over the head, and no need
+    to keep every layer's hidden states (output_hidden_states) for the last one."""
+    values = []
+    hook = unwrap(model).score.register_forward_hook(lambda m, i, out: values.append(out))
+    try:
+        forward(model, input_ids, attention_mask)
+    finally:
+        hook.remove()
+    return values[0].squeeze(-1).float()
 
 
 def segment_scores(values, ends):
@@ -439,20 +445,18 @@ def value_loss(values, old_values, returns, mask, clip):
 
 def train_rm(args):
     accelerator = make_accelerator(args)
-    model_path = args.model or toy_sft_model()
+    model_path = model_folder(args.model) if args.model else toy_sft_model()
     tokenizer = load_tokenizer(model_path)
     ds = rm_pairs(args, tokenizer)
     if not 0 < args.eval_size < len(ds):
         fail(f"--eval-size {args.eval_size} must be between 1 and the {len(ds)} usable pairs - 1")
-    prepare_output_dir(
-        args, "train-rm", accelerator
-    )  # input checked: from here on, files are written
+    prepare_output_dir(args, "train-rm", accelerator)  # input checked: files are written now
     model, optimizer, scheduler, train_loader, eval_loader, split = rm_setup(
         args, accelerator, model_path, tokenizer, ds
     )
     # Where training stands: optimizer steps, epoch, batches done in it, the epoch's loss so far.
-    start_state = {"step": 0, "epoch": 0, "batch": 0, "loss_sum": 0.0}
-    state = (load_checkpoint(accelerator, args) if args.resume else None) or start_state
+    state = load_checkpoint(accelerator, args) if args.resume else None
+    state = state or {"step": 0, "epoch": 0, "batch": 0, "loss_sum": 0.0}
     step, per_epoch = state["step"], len(train_loader)
     done_before = state["epoch"] * per_epoch + state["batch"]
     bar = tqdm(total=args.epochs * per_epoch, initial=done_before, desc="train-rm", disable=quiet())
@@ -611,8 +615,7 @@ def save_reward_model(args, accelerator, model, tokenizer, model_path, train_ds,
         **normalizer_settings(positions, rewards, scores, 2 * n),
     }
     if accelerator.is_main_process:
-        with open(os.path.join(args.output_dir, SETTINGS_FILE), "w") as f:
-            json.dump(settings, f, indent=1)
+        write_settings(args.output_dir, settings)
 
 
 def fit_norm(args):
@@ -633,8 +636,7 @@ def fit_norm(args):
     positions, rewards, scores = collect_segment_rewards(model, loader, threshold, accelerator)
     settings.update(normalizer_settings(positions, rewards, scores, len(scores)))
     if accelerator.is_main_process:
-        with open(os.path.join(args.reward_model, SETTINGS_FILE), "w") as f:
-            json.dump(settings, f, indent=1)
+        write_settings(args.reward_model, settings)
         if args.plot:
             plot_normalizer(args.plot, positions, rewards, settings["normalizer"])
     keys = ("normalizer", "mean", "std", "norm_samples")
@@ -997,15 +999,13 @@ def sft_loader(args, tokenizer):
         ds = load_rows(args.dataset)
     else:
         ds = datasets.Dataset.from_list(toy_sft_rows(3000, args.flawed_fraction, args.seed))
-    key = "completion" if "completion" in ds.column_names else "chosen"
-    check_columns(ds, [key])
+    key = next((k for k in ("completion", "chosen", "messages") if k in ds.column_names), "")
+    check_columns(ds, [key or "completion"])
     end_id = end_token_id(tokenizer, args.end_token)
 
     def encode_row(row):
-        messages, response = split_conversation(row, key)
-        prompt_ids, response_ids = encode(
-            tokenizer, messages, response, args.max_prompt_len, end_id
-        )
+        prompt, response = split_conversation(row, key, tokenizer)
+        prompt_ids, response_ids = encode(tokenizer, prompt, response, args.max_prompt_len, end_id)
         ids = (prompt_ids + response_ids)[: args.max_len]
         return {
             "input_ids": ids,
@@ -1044,6 +1044,13 @@ TOY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+
+
+TOY_DEMO = (
+    "Name 4 fruits.",
+    "Here are 4 fruits: apple, fig, kiwi, plum.",
+    "Here are 4 fruits: apple, fig, tiger, plum.",
+)  # the `segment` view's default pair
 
 
 def toy_prompt(rng):
@@ -1200,40 +1207,69 @@ def load_rows(name, split="train"):
     return ds
 
 
-def split_conversation(row, key):
-    """(prompt messages, response text) from a standard row (`prompt` + `key` strings) or a
-    conversational one (`key` is a message list whose last turn is the assistant's response)."""
-    value = row[key]
+def split_conversation(row, key, tokenizer):
+    """(prompt, response text) of a row in any of TRL's layouts: standard (`prompt` and `key`
+    strings) or conversational (`key` holds the assistant's turn, after a `prompt` message list,
+    or a whole conversation that ends with it). The prompt comes back as messages, or as text
+    when a prompt string already ends with the chat template's assistant header (a templated
+    prompt is used as it is, not wrapped in a second user turn)."""
+    value, prompt = row[key], row.get("prompt")
+    earlier, response = [], value
     if isinstance(value, list):
         if not value or not isinstance(value[-1], dict) or value[-1].get("role") != "assistant":
             fail(f"column {key!r}: a conversation must end with an assistant turn")
-        messages, response = value[:-1], value[-1]["content"]
-    else:
-        prompt = row.get("prompt")
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        response = value
-    strings = all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
-    if not strings or not isinstance(response, str):
+        earlier, response = value[:-1], value[-1].get("content")
+    if isinstance(prompt, str) and not is_templated(prompt, tokenizer):
+        prompt = [{"role": "user", "content": prompt}]
+    if prompt is None or isinstance(prompt, list):
+        prompt = (prompt or []) + earlier
+        if not prompt:
+            fail(f"column {key!r}: a conversation needs a prompt before the assistant's turn")
+        if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt):
+            fail(f"column {key!r}: message contents must be strings")
+    if not isinstance(prompt, (str, list)) or not isinstance(response, str):
         fail(f"column {key!r}: message contents must be strings")
-    return messages, response
+    return prompt, response
+
+
+def is_templated(text, tokenizer):
+    """Whether a prompt string already ends with the chat template's assistant header."""
+    turn = [{"role": "user", "content": "x"}]
+    bare = tokenizer.apply_chat_template(turn, tokenize=False)
+    ready = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+    header = ready[len(bare) :].strip()
+    return bool(header) and text.rstrip().endswith(header)
+
+
+def implicit_prompt(chosen, rejected):
+    """TRL's standard implicit layout (chosen and rejected full texts): the shared prefix, cut
+    back to its last whitespace, is the prompt; the rest of each text is its response."""
+    shared = os.path.commonprefix([chosen, rejected])
+    cut = max(shared.rfind(" "), shared.rfind("\n"))
+    prompt = shared[:cut] if cut > 0 else ""
+    return prompt, chosen[len(prompt) :], rejected[len(prompt) :]
 
 
 def check_columns(ds, keys):
-    """Standard layout needs `prompt` + keys; conversational needs only keys (message lists)."""
+    """Explicit layouts need `prompt` + keys; conversational and implicit pairs need only keys."""
     missing = [k for k in keys if k not in ds.column_names]
-    if missing or (not isinstance(ds[0][keys[0]], list) and "prompt" not in ds.column_names):
+    implicit = keys == ["chosen", "rejected"] or isinstance(ds[0][keys[0]], list)
+    if missing or ("prompt" not in ds.column_names and not implicit):
         fail(
             f"dataset needs columns {['prompt', *keys]} (or conversational {keys}); "
             f"found {ds.column_names}"
         )
 
 
-def encode(tokenizer, messages, response, max_prompt_len, end_id):
-    """Token ids of the chat-formatted prompt (cut from the left) and of response + end token."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def encode(tokenizer, prompt, response, max_prompt_len, end_id):
+    """Token ids of the prompt (messages through the chat template, or text as it is) cut from
+    the left, and of the response followed by the end token (none when end_id is None)."""
+    text = prompt
+    if isinstance(prompt, list):
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"][-max_prompt_len:]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [end_id]
-    return prompt_ids, response_ids
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return prompt_ids, response_ids + ([] if end_id is None else [end_id])
 
 
 def end_token_id(tokenizer, end_token=""):
@@ -1255,16 +1291,21 @@ def prepare_pairs(ds, tokenizer, args, end_id):
     check_columns(ds, ["chosen", "rejected"])
 
     def encode_row(row):
-        messages, chosen = split_conversation(row, "chosen")
-        prompt_ids, chosen_ids = encode(tokenizer, messages, chosen, args.max_prompt_len, end_id)
-        rejected = split_conversation(row, "rejected")
-        _, rejected_ids = encode(tokenizer, *rejected, args.max_prompt_len, end_id)
+        if row.get("prompt") is None and isinstance(row["chosen"], str):
+            prompt, chosen, rejected = implicit_prompt(row["chosen"], row["rejected"])
+        else:
+            prompt, chosen = split_conversation(row, "chosen", tokenizer)
+            rejected = split_conversation(row, "rejected", tokenizer)[1]
+        prompt_ids, chosen_ids = encode(tokenizer, prompt, chosen, args.max_prompt_len, end_id)
+        rejected_ids = encode(tokenizer, prompt, rejected, args.max_prompt_len, end_id)[1]
         if args.long_pairs == "truncate":  # the authors' way: cut, and end on the end token
             room = args.max_len - len(prompt_ids)
             chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
             chosen_ids[-1] = rejected_ids[-1] = end_id
         skip = ""
-        if min(len(chosen_ids), len(rejected_ids)) < 2:
+        if not prompt_ids:
+            skip = "no prompt (implicit layout without a shared prefix)"
+        elif min(len(chosen_ids), len(rejected_ids)) < 2:
             skip = "empty response"
         elif chosen_ids == rejected_ids:
             skip = "chosen identical to rejected"
@@ -1318,6 +1359,15 @@ def add_entropies_batch(rows, ref_model, pad_id, device):
     return out
 
 
+def cache_dir(kind):
+    """$SEGMENT_RLHF_CACHE/kind (default ~/.cache/segment_rlhf/kind): caches never go into a
+    model folder, which push_to_hub would upload whole."""
+    home = os.path.join(os.path.expanduser("~"), ".cache", "segment_rlhf")
+    path = os.path.join(os.environ.get("SEGMENT_RLHF_CACHE") or home, kind)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def add_entropies(ds, args, accelerator, model_path, tokenizer):
     """Reference entropies for every pair, cached on disk with the data: segmentation depends only
     on the frozen reference model, so it costs one forward per example for the whole run."""
@@ -1326,7 +1376,7 @@ def add_entropies(ds, args, accelerator, model_path, tokenizer):
     stamp = os.path.getmtime(os.path.join(model_path, "config.json")) if local else 0
     key = json.dumps([ds._fingerprint, os.path.abspath(model_path) if local else model_path, stamp])
     name = f"entropy-{hashlib.sha1(key.encode()).hexdigest()[:16]}.arrow"
-    cache = os.path.join(args.output_dir, name)
+    cache = os.path.join(cache_dir("entropy"), name)
     with accelerator.main_process_first():  # the main process computes, the others read its file
         ref = None
         if not os.path.exists(cache):
@@ -1369,27 +1419,29 @@ def pair_collate(pad_id, bandit):
     return collate
 
 
-def prompt_rows(ds):
-    """Prompt messages from a `prompt` column, or from a conversation minus its last turn."""
-    for key in ("prompt", "chosen", "messages"):
-        if key in ds.column_names:
-            break
-    else:
+def prompt_rows(ds, tokenizer, max_prompt_len):
+    """Prompt ids and text of each row: a `prompt` column (text or messages), or a conversation
+    (`chosen` / `messages`) minus its last assistant turn; cut from the left."""
+    key = next((k for k in ("prompt", "chosen", "messages") if k in ds.column_names), None)
+    if key is None:
         fail(
             "prompt dataset needs a 'prompt' column or a conversational 'chosen' / 'messages'; "
             f"found {ds.column_names}"
         )
 
-    def to_messages(row):
+    def encode_prompt(row):
         value = row[key]
-        if isinstance(value, str) and key == "prompt":
-            return {"messages": [{"role": "user", "content": value}]}
-        if not isinstance(value, list) or not value:
+        if isinstance(value, list) and value and isinstance(value[-1], dict) and key != "prompt":
+            value = value[:-1] if value[-1].get("role") == "assistant" else value
+        if not value or not isinstance(value, (str, list)):
             fail(f"column {key!r} must hold a prompt string or a message list")
-        answered = key != "prompt" and value[-1].get("role") == "assistant"
-        return {"messages": value[:-1] if answered else value}
+        if isinstance(value, str) and not is_templated(value, tokenizer):
+            value = [{"role": "user", "content": value}]
+        ids = encode(tokenizer, value, "", max_prompt_len, None)[0]
+        text = value if isinstance(value, str) else value[-1].get("content")
+        return {"prompt_text": text, "input_ids": ids}
 
-    return ds.map(to_messages, remove_columns=ds.column_names)
+    return ds.map(encode_prompt, remove_columns=ds.column_names)
 
 
 def prompt_splits(args, tokenizer):
@@ -1397,18 +1449,9 @@ def prompt_splits(args, tokenizer):
     if args.dataset:
         ds = load_rows(args.dataset)
     else:
-        ds = datasets.Dataset.from_list(
-            toy_prompt_rows(20 * args.batch_size + args.eval_prompts, args.seed)
-        )
-
-    def encode_prompt(row):
-        text = tokenizer.apply_chat_template(
-            row["messages"], add_generation_prompt=True, tokenize=False
-        )
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][-args.max_prompt_len :]
-        return {"prompt_text": row["messages"][-1]["content"], "input_ids": ids}
-
-    ds = prompt_rows(ds).map(encode_prompt)
+        n = 20 * args.batch_size + args.eval_prompts
+        ds = datasets.Dataset.from_list(toy_prompt_rows(n, args.seed))
+    ds = prompt_rows(ds, tokenizer, args.max_prompt_len)
     if len(ds) <= args.eval_prompts + args.batch_size:
         fail(
             f"{len(ds)} prompts: need more than --eval-prompts ({args.eval_prompts}) + "
@@ -1443,13 +1486,48 @@ def decode_responses(tokenizer, response, mask, stop):
 # Models: loading with dropout off, forward with position ids, LoRA, optimizer, saving.
 
 
-def check_model_path(path):
+def model_folder(path):
+    """A model directory or hub id as it is; a .gguf file converted once into a plain folder."""
+    if path.endswith(".gguf"):
+        return gguf_folder(path)
     if not os.path.isdir(path) and not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
         fail(f"model {path!r} does not exist (pass a directory or a hub id like org/name)")
+    return path
+
+
+def gguf_folder(path):
+    """A GGUF checkpoint (llama.cpp's format) as a transformers folder in the cache, converted on
+    first use: transformers reads GGUF (with the `gguf` package) into an ordinary model with its
+    tokenizer and chat template, but will not save it as loaded, so the folder is written once
+    without the GGUF marking and every later load is a plain from_pretrained."""
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        fail(f"model file {path!r} does not exist")
+    stamp = f"{path}:{os.path.getsize(path)}:{os.path.getmtime(path)}"
+    name = os.path.basename(path)[: -len(".gguf")]
+    folder = os.path.join(
+        cache_dir("gguf"), f"{name}-{hashlib.sha1(stamp.encode()).hexdigest()[:12]}"
+    )
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF files through it)
+    except ImportError:
+        fail(f"{path} is a GGUF file: reading it needs the gguf package (pip install gguf)")
+    print(f"converting {path} into {folder} (once) ...", file=sys.stderr)
+    where, file = os.path.dirname(path), os.path.basename(path)
+    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=file)
+    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=file, dtype=torch.float32)
+    model.hf_quantizer.remove_quantization_config(model)  # the weights are plain float32 already
+    tmp = f"{folder}.tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, folder)
+    return folder
 
 
 def load_tokenizer(path):
-    check_model_path(path)
+    path = model_folder(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as e:
@@ -1464,7 +1542,7 @@ def load_tokenizer(path):
 def load_model(path, kind="causal", bf16=False):
     """kind: 'causal' (policy, reference) or 'value' (backbone + linear head -> 1, no bias:
     reward model and critic, the layout of AutoModelForSequenceClassification(num_labels=1))."""
-    check_model_path(path)
+    path = model_folder(path)
     auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     try:
         config = AutoConfig.from_pretrained(path, num_labels=1)
@@ -1723,6 +1801,29 @@ PAPER_MODELS = {
         bandit=(-0.8281, 2.9375),
         recipe={"segment": {"end_penalty": -0.05}},
     ),
+    # Not from the paper: its recipe sized for one small GPU or a patient CPU. No released reward
+    # model: `train-rm --preset smollm2-135m` writes the one that `ppo --preset` reads. c = 3.0
+    # gives this model phrase-length segments (README: a real model offline); learning rates
+    # scaled up for a 135M model, not tuned.
+    "smollm2-135m": dict(
+        model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        c=3.0,
+        end_token="<|im_end|>",
+        episodes=1,
+        rm=None,
+        recipe={},
+        rm_sizes=dict(lr=1e-5, batch_size=64, max_len=1024, max_prompt_len=768),
+        ppo_sizes=dict(
+            lr=1e-6,
+            critic_lr=1e-5,
+            batch_size=256,
+            mini_batch_size=32,
+            grad_accum=4,
+            max_prompt_len=512,
+            max_new_tokens=512,
+            max_len=1024,
+        ),
+    ),
 }
 PAPER_RM = dict(
     dataset="hendrydong/preference_700K",
@@ -1759,58 +1860,90 @@ def preset_defaults(name, command):
         fail(f"unknown --preset {name!r}; choose from {', '.join(PAPER_MODELS)}")
     m = PAPER_MODELS[name]
     common = {"model": m["model"], "end_token": m["end_token"]}
+    rm = m["rm"].format("segment") if m["rm"] else f"runs/{name}-segment-rm"
     if command == "train-rm":
-        out = f"runs/{name}-segment-rm"
-        return {**PAPER_RM, **PAPER_BOTH, **common, "entropy_threshold": m["c"], "output_dir": out}
+        sizes = {**m.get("rm_sizes", {}), "entropy_threshold": m["c"], "output_dir": rm}
+        return {**PAPER_RM, **PAPER_BOTH, **common, **sizes}
     if command == "ppo":
-        rm = m["rm"].format("segment")
-        out = f"runs/{name}-segment-ppo"
-        return {
-            **PAPER_PPO,
-            **PAPER_BOTH,
-            **common,
-            "episodes": m["episodes"],
-            "reward_model": rm,
-            "output_dir": out,
-        }
+        sizes = {**m.get("ppo_sizes", {}), "episodes": m["episodes"], "reward_model": rm}
+        return {**PAPER_PPO, **PAPER_BOTH, **common, **sizes, "output_dir": f"runs/{name}-ppo"}
     return common
 
 
 def released_rm_settings(path):
-    """Settings of the authors' released reward models (they ship without our settings file)."""
-    for m in PAPER_MODELS.values():
+    """Settings of the authors' released reward models, which ship without ours: by hub id, or a
+    local snapshot (a folder named after the model, or the hub cache's models--yyqoni--NAME),
+    whose config's mean / std (OpenRLHF writes them there) then win over the table's."""
+    for m in (m for m in PAPER_MODELS.values() if m["rm"]):
         for kind, c in (("segment", m["c"]), ("token", 0.0), ("bandit", float("inf"))):
-            if path == m["rm"].format(kind):
-                norm = {} if kind == "bandit" else {"normalizer": list(m[kind])}
-                mean, std = m["bandit"]
-                return {
-                    "entropy_threshold": c,
-                    "reference_model": m["model"],
-                    "end_token": m["end_token"],
-                    "mean": mean,
-                    "std": std,
-                    **norm,
-                }
+            repo = m["rm"].format(kind)
+            folder = os.path.basename(os.path.normpath(path))
+            local = os.path.isdir(path)
+            local &= folder == repo.split("/")[1] or "models--" + repo.replace("/", "--") in path
+            if path != repo and not local:
+                continue
+            mean, std = m["bandit"]
+            settings = {
+                "entropy_threshold": c,
+                "reference_model": m["model"],
+                "end_token": m["end_token"],
+                "mean": mean,
+                "std": std,
+            }
+            if kind != "bandit":
+                settings["normalizer"] = list(m[kind])
+            config = read_json(os.path.join(path, "config.json")) if local else {}
+            return {**settings, **{k: config[k] for k in ("mean", "std") if k in config}}
     return None
 
 
 def load_rm_settings(path):
+    """Segmentation settings and normalizer of a reward model: its segment_rlhf.json, the same
+    under `segment_rlhf` in its config.json, or the released models' table."""
     file = os.path.join(path, SETTINGS_FILE)
-    if not os.path.exists(file) and released_rm_settings(path):
-        return released_rm_settings(path)
-    if not os.path.exists(file):
+    if os.path.exists(file):
+        return read_json(file)
+    config = os.path.join(path, "config.json")
+    if os.path.exists(config) and "segment_rlhf" in read_json(config):
+        return read_json(config)["segment_rlhf"]
+    settings = released_rm_settings(path)
+    if settings is None:
         fail(
             f"reward model {path!r} has no {SETTINGS_FILE} (segmentation settings); train it "
             "with train-rm or use --preset"
         )
-    with open(file) as f:
+    return settings
+
+
+def write_settings(folder, settings):
+    """The settings file beside the reward model, and the same in its config.json (with mean /
+    std at the top level, as OpenRLHF writes them), so the folder alone carries them."""
+    with open(os.path.join(folder, SETTINGS_FILE), "w") as f:
+        json.dump(settings, f, indent=1)
+    config = read_json(os.path.join(folder, "config.json"))
+    config.update(segment_rlhf=settings, mean=settings["mean"], std=settings["std"])
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def read_json(path):
+    with open(path) as f:
         return json.load(f)
 
 
-def planned_rm_settings(path):
-    """The reward model's settings; for the toy one not built yet, those it will be built with."""
-    if path == TOY_RM and not os.path.exists(os.path.join(TOY_RM, SETTINGS_FILE)):
-        return {"entropy_threshold": RMArgs.entropy_threshold, "normalizer": "fitted when built"}
+def planned_rm_settings(args):
+    """The reward model's settings; for one not trained yet (the toy's, or the one a preset's
+    train-rm writes), those it will be trained with."""
+    path, preset = args.reward_model, args.preset
+    if not os.path.exists(os.path.join(path, SETTINGS_FILE)):
+        if path == TOY_RM:
+            return {
+                "entropy_threshold": RMArgs.entropy_threshold,
+                "normalizer": "fitted by train-rm",
+            }
+        if preset and path == preset_defaults(preset, "train-rm")["output_dir"]:
+            c = PAPER_MODELS[preset]["c"]
+            return {"entropy_threshold": c, "normalizer": "fitted by train-rm --preset"}
     return load_rm_settings(path)
 
 
@@ -1852,12 +1985,88 @@ def ensure_reward_model(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Seeing what the method sees: a response cut into its segments, with rewards; plots.
+# Seeing what the method sees: responses cut into their segments, shaded by reward; plots.
 
-COLORS = ("\033[30;43m", "\033[30;46m")  # alternating backgrounds in the terminal
+
+def segment_rewards(reward_model, conversations, model="", batch_size=16):
+    """Segments and segment rewards of responses under a saved reward model, e.g.
+
+        from segment_rlhf import segment_rewards
+        out = segment_rewards("runs/toy-rm", [("Name 2 fruits.", "Here are 2 fruits: fig, kiwi.")])
+        out[0]["segments"], out[0]["rewards"], out[0]["score"]
+
+    conversations: (prompt, response) pairs or message lists ending with the assistant's turn.
+    The score is the mean segment reward, what the model learned to rank by; the pooled logit
+    of AutoModelForSequenceClassification reads one position and is not it. `model`: the
+    reference model, when the one recorded in the settings has moved."""
+    settings = load_rm_settings(reward_model)
+    ref_path = model or settings["reference_model"]
+    tokenizer = load_tokenizer(reward_model)
+    pairs = []
+    for c in conversations:
+        row = {"prompt": c[0], "response": c[1]} if isinstance(c, tuple) else {"response": c}
+        pairs.append(split_conversation(row, "response", tokenizer))
+    ref = load_model(ref_path).eval()
+    rm = load_model(reward_model, "value").eval()
+    end_id = end_token_id(tokenizer, settings["end_token"])
+    cut = cut_segments(tokenizer, ref, rm, pairs, settings["entropy_threshold"], end_id, batch_size)
+    out = []
+    for segments in cut:
+        rewards = [s["reward"] for s in segments]
+        text = [s["text"] for s in segments]
+        score = sum(rewards) / max(len(rewards), 1)
+        out.append({"segments": text, "rewards": rewards, "score": score})
+    return out
+
+
+@torch.no_grad()
+def cut_segments(tokenizer, ref, rm, pairs, threshold, end_id, batch_size=16):
+    """Each (prompt, response) cut into its segments: text, tokens, per-token entropies, the
+    entropy at the segment's end and, with a reward model, its reward. end_id None: raw text
+    (no end token; every token is content)."""
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        encoded = [
+            encode(tokenizer, p, r, 10**9, end_id) for p, r in pairs[start : start + batch_size]
+        ]
+        seqs = [p + r for p, r in encoded]
+        ids = pad_right(seqs, tokenizer.pad_token_id)
+        mask = pad_right([[1] * len(s) for s in seqs], 0)
+        entropy = reference_entropy(ref, ids, mask)
+        values = None if rm is None else token_values(rm, ids, mask).tolist()
+        pos = torch.arange(ids.shape[1])
+        first = torch.tensor([len(p) for p, _ in encoded])[:, None]
+        # content: the response, minus its end token except for the bandit (read at the end token)
+        drop_end = end_id is not None and not math.isinf(threshold)
+        last = torch.tensor([len(s) for s in seqs])[:, None] - int(drop_end)
+        ends = segment_ends(entropy, (pos >= first) & (pos < last), threshold)
+        for k in range(len(encoded)):
+            row_values = None if values is None else values[k]
+            row = segments_of(
+                tokenizer, ids[k], entropy[k], ends[k], row_values, len(encoded[k][0])
+            )
+            out.append(row)
+    return out
+
+
+def segments_of(tokenizer, ids, entropy, ends, values, first):
+    """One row's segments, from `first` (where its response starts) to each segment end."""
+    stops = ends.nonzero().squeeze(1).tolist()
+    entropy = entropy.tolist()
+    segments = []
+    for a, b in zip([first] + [s + 1 for s in stops[:-1]], stops):
+        span = ids[a : b + 1].tolist()
+        seg = {"text": tokenizer.decode(span), "tokens": [tokenizer.decode([t]) for t in span]}
+        seg["token_entropy"] = [round(h, 3) for h in entropy[a : b + 1]]
+        seg["entropy"] = round(entropy[b], 3)
+        if values is not None:
+            seg["reward"] = round(values[b], 3)
+        segments.append(seg)
+    return segments
 
 
 def segment(args):
+    """The `segment` subcommand: print (and draw) responses cut into their segments."""
     settings = load_rm_settings(args.reward_model) if args.reward_model else {}
     threshold = args.entropy_threshold
     if math.isnan(threshold):
@@ -1865,75 +2074,170 @@ def segment(args):
     if not threshold >= 0:
         fail(f"--entropy-threshold must be >= 0, got {threshold}")
     model_path = args.model or settings.get("reference_model") or toy_sft_model()
-    tokenizer, ref = load_tokenizer(model_path), load_model(model_path).eval()
-    if args.text:  # raw text: no template, no end token, every token is content
-        prompt_ids, response_ids = [], tokenizer(args.text, add_special_tokens=False)["input_ids"]
-    else:
-        messages, response = segment_input(args)
+    tokenizer = load_tokenizer(model_path)
+    inputs = segment_inputs(args, tokenizer)
+    ref = load_model(model_path).eval()
+    rm = load_model(args.reward_model, "value").eval() if args.reward_model else None
+    end_id = None
+    if not args.text:
         end_id = end_token_id(tokenizer, args.end_token or settings.get("end_token", ""))
-        prompt_ids, response_ids = encode(tokenizer, messages, response, 10**9, end_id)
-    if not response_ids:
+    pairs = [(prompt, response) for _, prompt, response in inputs]
+    cut = cut_segments(tokenizer, ref, rm, pairs, threshold, end_id)
+    if not all(cut):
         fail("the response is empty")
-    ids = torch.tensor([prompt_ids + response_ids])
-    mask = torch.ones_like(ids)
-    P, R = len(prompt_ids), len(response_ids)
-    entropy = reference_entropy(ref, ids, mask)[:, P:]  # (1, R)
-    content = torch.ones(1, R, dtype=torch.bool)
-    content[0, -1] = bool(args.text) or math.isinf(threshold)  # the end token: bandit content only
-    ends = segment_ends(entropy, content, threshold)[0]
-    rewards = None
-    if args.reward_model:
-        rm = load_model(args.reward_model, "value").eval()
-        rewards = token_values(rm, ids, mask)[0, P:].detach()
-    stops = ends.nonzero().squeeze(1).tolist()
-    rows = []
-    for a, b in zip([0] + [s + 1 for s in stops[:-1]], stops):
-        row = {
-            "text": tokenizer.decode(response_ids[a : b + 1]),
-            "entropy": round(entropy[0, b].item(), 3),
-        }
-        if rewards is not None:
-            row["reward"] = round(rewards[b].item(), 3)
-        rows.append(row)
-    print("".join(f"{COLORS[k % 2]}{r['text']}\033[0m" for k, r in enumerate(rows)))
-    for k, r in enumerate(rows):
-        reward = f"  r={r['reward']:+7.3f}" if "reward" in r else ""
-        print(f"{k + 1:3d}  H={r['entropy']:6.3f}{reward}  {r['text']!r}")
+    views = [{"title": title, "segments": segs} for (title, _, _), segs in zip(inputs, cut)]
+    for view in views:
+        print(f"{view['title']}:\n{segments_terminal(view['segments'], sys.stdout.isatty())}")
     if args.html:
-        write_segments_html(args.html, rows, threshold)
-    return {"entropy_threshold": threshold, "segments": rows}
+        with open(args.html, "w") as f:
+            f.write(segments_html(views, threshold))
+    brief = [
+        {
+            **v,
+            "segments": [
+                {k: s[k] for k in ("text", "entropy", "reward") if k in s} for s in v["segments"]
+            ],
+        }
+        for v in views
+    ]
+    return {"entropy_threshold": threshold, "segments": brief[0]["segments"], "views": brief}
 
 
-def segment_input(args):
-    """(prompt messages, response) from --dataset / --row, --prompt / --response, or a demo."""
-    if args.dataset:
-        rows = load_rows(args.dataset)
-        if not 0 <= args.row < len(rows):
-            fail(f"--row {args.row} is outside the dataset's {len(rows)} rows")
-        check_columns(rows, ["chosen"])
-        return split_conversation(rows[args.row], "chosen")
+def segment_inputs(args, tokenizer):
+    """[(title, prompt, response)] to show: --text, --prompt / --response, the chosen and
+    rejected responses of a --dataset row side by side, or the toy's demo pair."""
+    if args.text:  # raw text: no template, no end token, every token is content
+        return [("text", "", args.text)]
     if args.response:
-        return [{"role": "user", "content": args.prompt}], args.response
-    return [{"role": "user", "content": "Name 3 colors."}], "Here are 3 colors: black, green, pink."
+        return [("response", [{"role": "user", "content": args.prompt}], args.response)]
+    if not args.dataset:
+        prompt, chosen, rejected = TOY_DEMO
+        user = [{"role": "user", "content": prompt}]
+        return [("chosen", user, chosen), ("rejected", user, rejected)]
+    rows = load_rows(args.dataset)
+    if not 0 <= args.row < len(rows):
+        fail(f"--row {args.row} is outside the dataset's {len(rows)} rows")
+    check_columns(rows, ["chosen"])
+    keys = [k for k in ("chosen", "rejected") if k in rows.column_names]
+    row = rows[args.row]
+    return [(f"row {args.row}, {k}", *split_conversation(row, k, tokenizer)) for k in keys]
 
 
-def write_segments_html(path, rows, threshold):
-    spans, table = "", ""
-    for k, r in enumerate(rows):
-        hover = f"H={r['entropy']}" + (f" r={r['reward']}" if "reward" in r else "")
-        color = ("#fde68a", "#a5f3fc")[k % 2]
-        text = html.escape(r["text"])
-        spans += f'<span style="background:{color}" title="{hover}">{text}</span>'
-        table += f"<tr><td>{k + 1}</td><td>{r['entropy']}</td><td>{r.get('reward', '')}</td>"
-        table += f"<td>{text}</td></tr>"
-    with open(path, "w") as f:
-        f.write(
-            "<!doctype html><meta charset=utf-8><title>segments</title>"
-            f"<p>entropy cutoff c = {threshold}</p>"
-            f"<p style='font:16px monospace;white-space:pre-wrap'>{spans}</p>"
-            "<table border=1 cellpadding=4><tr><th>k</th><th>entropy at end</th><th>reward</th>"
-            f"<th>segment</th></tr>{table}</table>"
+# The segment view's colours: white at reward 0, red below and green above, full at |r| = scale
+# (the largest |reward| shown, so one page shares one scale); grey tints when there is no reward.
+RED, GREEN, GREYS = (226, 92, 82), (84, 178, 106), ((236, 240, 245), (222, 228, 236))
+PAGE_CSS = """
+body{font:15px/1.45 system-ui,sans-serif;color:#1b1f24;margin:20px 24px;background:#fafbfc}
+h1{font-size:18px;margin:0 0 4px} h2{font-size:14px;margin:0 0 2px}
+.sub{color:#57606a;font-size:13px} .resp{font-size:17px} .seg{margin-right:3px}
+.keys{display:flex;gap:8px 28px;align-items:flex-end;margin:10px 0 16px;font-size:12px}
+.grad{width:220px;height:12px;border:1px solid #c8ccd1}
+.ticks{display:flex;justify-content:space-between} .views{display:grid;gap:16px}
+.view{background:#fff;border:1px solid #d8dee4;border-radius:6px;padding:12px 14px;min-width:0}
+.tok{display:inline-flex;flex-direction:column;vertical-align:top;margin-bottom:6px}
+.tt{white-space:pre;padding:1px 0} .end{box-shadow:inset -2px 0 #4b5563;padding-right:2px}
+.bar{position:relative;height:18px;background:#fff}
+.bar i{position:absolute;bottom:0;left:0;right:1px;background:#c3cad3} .bar i.hi{background:#52606f}
+@media(max-width:700px){.views{grid-template-columns:1fr!important}}
+"""
+
+
+def segment_rgb(segment, k, scale):
+    """Background of segment k: by its reward on the diverging scale, else alternating greys."""
+    if segment.get("reward") is None:
+        return GREYS[k % 2]
+    t = min(1.0, abs(segment["reward"]) / scale)
+    return tuple(round(255 + (c - 255) * t) for c in (RED if segment["reward"] < 0 else GREEN))
+
+
+def reward_scale(views):
+    return max((abs(s.get("reward") or 0) for v in views for s in v["segments"]), default=0) or 1
+
+
+def segments_html(views, threshold):
+    """A self-contained page: each response with its segments shaded by reward, a bar under
+    every token for its entropy (dark above the cutoff, drawn as a line), numbers on hover."""
+    scale = reward_scale(views)
+    h_max = max([h for v in views for s in v["segments"] for h in s["token_entropy"]], default=1)
+    h_max = max(h_max, 1.25 * threshold if math.isfinite(threshold) else 0, 1e-6)
+    css = PAGE_CSS
+    if math.isfinite(threshold):  # the cutoff line across every entropy bar
+        css += ".bar::after{content:'';position:absolute;left:0;right:0;"
+        css += f"bottom:{100 * threshold / h_max:.1f}%;border-top:1px solid #d9480f}}"
+    sections = [view_html(v, scale, h_max, threshold) for v in views]
+    legend = "bars: each token's entropy H under the reference model"
+    if math.isfinite(threshold):
+        legend += f"; <span style='color:#d9480f'>line</span>: the cutoff c = {threshold:g}"
+    if any(s.get("reward") is not None for v in views for s in v["segments"]):
+        ends = [f"rgb{segment_rgb({'reward': r}, 0, 1)}" for r in (-1, 1)]
+        grad = f"linear-gradient(to right,{ends[0]},#fff,{ends[1]})"
+        ticks = "".join(f"<span>{t}</span>" for t in (f"{-scale:+.2f}", "0", f"{scale:+.2f}"))
+        legend = (
+            f"<div>segment reward<div class=grad style='background:{grad}'></div>"
+            f"<div class=ticks>{ticks}</div></div><div>{legend}</div>"
         )
+    columns = f"repeat({min(2, len(views))},minmax(0,1fr))"
+    return (
+        f"<!doctype html><html lang=en><meta charset=utf-8><title>segments, c = {threshold:g}"
+        f"</title><style>{css}</style><h1>Segment-level rewards</h1><div class=sub>entropy "
+        f"cutoff c = {threshold:g}</div><div class=keys>{legend}</div><div class=views "
+        f"style='grid-template-columns:{columns}'>{''.join(sections)}</div></html>\n"
+    )
+
+
+def view_html(view, scale, h_max, threshold):
+    """One response: a <span class=seg> per segment, holding one text-over-bar block a token."""
+    spans = []
+    for k, seg in enumerate(view["segments"]):
+        reward = seg.get("reward")
+        hover = f"segment {k + 1}" + ("" if reward is None else f" | reward {reward:+.2f}")
+        hover += f" | H at its end {seg['entropy']:.2f}"
+        data = f" data-entropy={seg['entropy']}" + (
+            "" if reward is None else f" data-reward={reward}"
+        )
+        tokens = []
+        for n, (token, h) in enumerate(zip(seg["tokens"], seg["token_entropy"])):
+            high = " class=hi" if h > threshold else ""
+            height = f"style='height:{100 * h / h_max:.0f}%'"
+            bar = f"<span class=bar title='H = {h:.2f}'><i{high} {height}></i></span>"
+            end = " end" if n == len(seg["tokens"]) - 1 else ""
+            tokens.append(
+                f"<span class='tok{end}'><span class=tt>{html.escape(token)}</span>{bar}</span>"
+            )
+        rgb = segment_rgb(seg, k, scale)
+        spans.append(
+            f"<span class=seg{data} title='{html.escape(hover)}' "
+            f"style='background:rgb{rgb}'>{''.join(tokens)}</span>"
+        )
+    rewards = [s["reward"] for s in view["segments"] if s.get("reward") is not None]
+    summary = f"{len(view['segments'])} segments" + (
+        f", mean reward {sum(rewards) / len(rewards):+.2f}" if rewards else ""
+    )
+    return (
+        f"<section class=view><h2>{html.escape(view['title'])}</h2><div class=sub>{summary}"
+        f"</div><div class=resp>{''.join(spans)}</div></section>"
+    )
+
+
+def segments_terminal(segments, color):
+    """The response on one line, each segment on its reward's colour (24-bit ANSI) when `color`,
+    else plain and separated by ' | '; then a numbered table of the segments."""
+    scale = reward_scale([{"segments": segments}])
+    parts = []
+    for k, seg in enumerate(segments):
+        text = seg["text"].replace("\n", "\\n")
+        if color:
+            text = (
+                "\033[48;2;{};{};{}m\033[38;2;27;31;36m".format(*segment_rgb(seg, k, scale))
+                + text
+                + "\033[0m"
+            )
+        parts.append(text)
+    lines = ["".join(parts) if color else " | ".join(parts)]
+    for k, seg in enumerate(segments):
+        reward = "" if seg.get("reward") is None else f"  r={seg['reward']:+7.3f}"
+        lines.append(f"{k + 1:3d}  H={seg['entropy']:6.3f}{reward}  {seg['text']!r}")
+    return "\n".join(lines)
 
 
 def sample_table(tokenizer, data, i):
@@ -2056,7 +2360,7 @@ def resolve(command, args):
         if not args.reward_model and args.model:
             fail("--reward-model is required with --model")
         args.reward_model = args.reward_model or TOY_RM
-        resolve_reward(args, planned_rm_settings(args.reward_model))
+        resolve_reward(args, planned_rm_settings(args))
     return args
 
 
@@ -2111,7 +2415,7 @@ def main(argv=None):
     if getattr(args, "dry_run", False):
         resolved = {"command": command, **dataclasses.asdict(args)}
         if command == "ppo":
-            resolved["reward_model_settings"] = planned_rm_settings(args.reward_model)
+            resolved["reward_model_settings"] = planned_rm_settings(args)
             if args.episodes > 0:
                 resolved["steps"] = (
                     f"--episodes {args.episodes} x prompts / --batch-size, counted at load"

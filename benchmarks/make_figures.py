@@ -1,0 +1,107 @@
+"""Draw the README's pictures into docs/ from the toy runs (building what is missing first).
+
+    python benchmarks/make_figures.py        # runs/toy-{sft,rm,ppo} from the quick start, or new
+
+- docs/segments.html and .png: the toy's chosen and rejected answers, each segment shaded by its
+  reward, with the per-token entropy strip (the PNG is a headless Chromium screenshot of the page,
+  taken when `chromium` is on the PATH).
+- docs/normalizer.png: mean and std of the segment rewards per position p = k / K with the fitted
+  location-aware lines mu(p) and sigma(p) (what `fit-norm --plot` draws).
+- docs/ppo_curve.png: the exact toy score and the reward model's score per PPO iteration.
+Needs matplotlib (pip install matplotlib).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import segment_rlhf as S  # noqa: E402
+
+DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs")
+
+
+def screenshot(page, png, size="1100,330"):
+    """A PNG of an HTML page through headless Chromium, flags as for a sandboxed machine."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        print("no chromium on the PATH: skipped", png, file=sys.stderr)
+        return
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-sync",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-quic",
+    ]
+    with tempfile.TemporaryDirectory() as profile:
+        cmd = [
+            browser,
+            *flags,
+            f"--user-data-dir={profile}",
+            f"--window-size={size}",
+            f"--screenshot={os.path.abspath(png)}",
+            "file://" + os.path.abspath(page),
+        ]
+        subprocess.run(cmd, check=True, capture_output=True)
+
+
+def normalizer_plot(rm_dir, png):
+    """Score the toy preference responses with the reward model and draw the fit."""
+    settings = S.load_rm_settings(rm_dir)
+    args = S.resolve("fit-norm", S.FitNormArgs(reward_model=rm_dir))
+    accelerator = S.make_accelerator(args)
+    tokenizer = S.load_tokenizer(rm_dir)
+    ds = S.rm_pairs(args, tokenizer)
+    ds = S.add_entropies(ds, args, accelerator, settings["reference_model"], tokenizer)
+    collate = S.pair_collate(tokenizer.pad_token_id, bandit=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=64, collate_fn=collate)
+    model = S.load_model(rm_dir, "value")
+    positions, rewards, _ = S.collect_segment_rewards(
+        model, loader, settings["entropy_threshold"], accelerator
+    )
+    S.plot_normalizer(png, positions, rewards, settings["normalizer"])
+
+
+def learning_curve(metrics, png):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(metrics)]
+    steps = [r["step"] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 3.6), dpi=100, sharex=True)
+    top.plot(steps, [r["ppo/toy_score"] for r in rows], color="tab:blue")
+    top.set_ylabel("exact toy score", fontsize=9)
+    bottom.plot(steps, [r["ppo/reward"] for r in rows], color="tab:orange")
+    bottom.set_ylabel("reward model score", fontsize=9)
+    bottom.set_xlabel("PPO iteration (rollouts of the training prompts)", fontsize=9)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+
+
+def main():
+    os.makedirs(DOCS, exist_ok=True)
+    if not os.path.exists(os.path.join(S.TOY_PPO, "metrics.jsonl")):
+        S.main(["ppo"])  # the quick start: builds the toy SFT and reward models on the way
+    page = os.path.join(DOCS, "segments.html")
+    S.main(["segment", "--reward-model", S.TOY_RM, "--html", page])
+    screenshot(page, os.path.join(DOCS, "segments.png"))
+    normalizer_plot(S.TOY_RM, os.path.join(DOCS, "normalizer.png"))
+    learning_curve(os.path.join(S.TOY_PPO, "metrics.jsonl"), os.path.join(DOCS, "ppo_curve.png"))
+    print("wrote", ", ".join(sorted(os.listdir(DOCS))))
+
+
+if __name__ == "__main__":
+    main()
