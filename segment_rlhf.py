@@ -29,6 +29,7 @@ import html
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -42,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
+from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import (
@@ -89,7 +91,11 @@ class Common:
     resume: bool = arg(False, "train-rm, ppo: continue from the newest checkpoint")
     min_lr_ratio: float = arg(0.0, "cosine decay to this fraction of --lr (the authors: 0.1)")
     long_pairs: str = arg("skip", "pairs over --max-len", choices=("skip", "truncate"))
+    head_init: str = arg("model", "fresh scalar heads", choices=("model", "authors"))
     micro_batch: int = field(default=0, init=False)  # derived: rows per process per forward
+    final_dir: str = field(default="", init=False)  # derived: where the run ends up (see
+    # prepare_output_dir); output_dir is where it is written meanwhile
+    created: bool = field(default=False, init=False)  # derived: output_dir is this run's own
 
 
 @dataclass
@@ -151,10 +157,10 @@ class PPOArgs(Common):
 
 @dataclass
 class SegmentArgs:
-    prompt: str = arg("", "user prompt (chat template applied)")
-    response: str = arg("", "response to segment")
-    text: str = arg("", "raw text to segment, no chat template")
-    dataset: str = arg("", "take the pair from this dataset's row --row (its chosen response)")
+    prompt: str = arg(None, "user prompt (chat template applied)")
+    response: str = arg(None, "response to segment")
+    text: str = arg(None, "raw text to segment, no chat template")
+    dataset: str = arg(None, "take the pair from this dataset's row --row (its chosen response)")
     row: int = arg(0, "dataset row")
     model: str = arg("", "reference model giving the entropies (default: the reward model's)")
     reward_model: str = arg("", "reward model directory: adds segment rewards")
@@ -446,11 +452,13 @@ def value_loss(values, old_values, returns, mask, clip):
 def train_rm(args):
     accelerator = make_accelerator(args)
     model_path = model_folder(args.model) if args.model else toy_sft_model()
+    check_model_dir(model_path)
     tokenizer = load_tokenizer(model_path)
     ds = rm_pairs(args, tokenizer)
     if not 0 < args.eval_size < len(ds):
         fail(f"--eval-size {args.eval_size} must be between 1 and the {len(ds)} usable pairs - 1")
-    prepare_output_dir(args, "train-rm", accelerator)  # input checked: files are written now
+    # input checked: from here on, files are written
+    prepare_output_dir(args, "train-rm", accelerator, [model_path, args.dataset])
     model, optimizer, scheduler, train_loader, eval_loader, split = rm_setup(
         args, accelerator, model_path, tokenizer, ds
     )
@@ -495,6 +503,7 @@ def train_rm(args):
         if accelerator.is_main_process:
             bar.write(json.dumps(metrics))
     save_reward_model(args, accelerator, model, tokenizer, model_path, split["train"], eval_loader)
+    finish_run(args, accelerator)
     return {
         "eval_accuracy": round(metrics["rm/accuracy"], 4),
         "rm/loss": round(metrics["rm/loss"], 4),
@@ -518,7 +527,7 @@ def rm_setup(args, accelerator, model_path, tokenizer, ds):
     eval_loader = torch.utils.data.DataLoader(split["test"], batch, collate_fn=collate)
     set_seed(args.seed)  # the head's random init must not depend on what ran before in the process
     model = load_model(model_path, "value", args.bf16 and args.lora_rank > 0)
-    model = trainable(init_head(model), args, "value")
+    model = trainable(init_head(model, args.head_init), args, "value")
     steps = args.epochs * math.ceil(len(train_loader) / args.grad_accum)
     optimizer, scheduler = make_optimizer(model, args, steps)
     prepared = accelerator.prepare(model, optimizer, train_loader, eval_loader, scheduler)
@@ -526,11 +535,15 @@ def rm_setup(args, accelerator, model_path, tokenizer, ds):
     return model, optimizer, scheduler, train_loader, eval_loader, split
 
 
-def init_head(model):
-    """A fresh scalar head ~ N(0, 1 / (H + 1)) for hidden size H, as the authors initialize the
-    reward model's and the critic's: small values whatever the width."""
+def init_head(model, how, critic=False):
+    """A fresh scalar head. "authors": N(0, 1 / (H + 1)) for hidden size H, as the authors start
+    the reward model's and the critic's, small whatever the width. "model": the model's own
+    initialization for the reward model, zeros for the critic (the toy's tuned default)."""
     head = unwrap(model).score.weight
-    torch.nn.init.normal_(head, std=1 / (unwrap(model).config.hidden_size + 1))
+    if how == "authors":
+        torch.nn.init.normal_(head, std=1 / (unwrap(model).config.hidden_size + 1))
+    elif critic:
+        torch.nn.init.zeros_(head)
     return model
 
 
@@ -607,40 +620,72 @@ def save_reward_model(args, accelerator, model, tokenizer, model_path, train_ds,
     )
     scores = collect_segment_rewards(model, eval_loader, args.entropy_threshold, accelerator)[2]
     save_model(accelerator, model, tokenizer, args.output_dir)
-    local = os.path.isdir(model_path)
     settings = {
         "entropy_threshold": args.entropy_threshold,
-        "reference_model": os.path.abspath(model_path) if local else model_path,
+        "reference_model": model_path,
         "end_token": args.end_token or tokenizer.eos_token,
         **normalizer_settings(positions, rewards, scores, 2 * n),
     }
     if accelerator.is_main_process:
-        write_settings(args.output_dir, settings)
+        write_rm_settings(args.output_dir, settings)
 
 
 def fit_norm(args):
-    """Fit (or refit) the normalizer of an existing reward model and save it in its settings."""
+    """Fit (or refit) the normalizer of an existing reward model. The settings are written only
+    once everything succeeded: in place (the previous file kept as .bak) or, with --output-dir,
+    into a copy of the reward model."""
     accelerator = make_accelerator(args)
     settings = load_rm_settings(args.reward_model)
     threshold = settings["entropy_threshold"]
+    ref_path = reference_model(args, settings)
     tokenizer = load_tokenizer(args.reward_model)
+    check_model_dir(args.reward_model, kind="reward")
+    check_writable(args.plot, "--plot")
     args.end_token = args.end_token or settings["end_token"]
     ds = rm_pairs(args, tokenizer)
+    in_place = os.path.realpath(args.output_dir) == os.path.realpath(args.reward_model)
+    if not in_place:
+        inputs = [args.reward_model, ref_path, args.dataset]
+        prepare_output_dir(args, "fit-norm", accelerator, inputs)
+    elif accelerator.is_main_process:  # no two runs at once on one reward model either
+        args.final_dir = args.output_dir
+        take_lock(args.output_dir + ".lock")
     if not math.isinf(threshold):
-        ds = add_entropies(ds, args, accelerator, settings["reference_model"], tokenizer)
+        ds = add_entropies(ds, args, accelerator, ref_path, tokenizer)
     ds = ds.select(range(min(args.norm_samples or len(ds), len(ds))))
     collate = pair_collate(tokenizer.pad_token_id, math.isinf(threshold))
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, collate_fn=collate)
     loader = accelerator.prepare(loader)
     model = load_model(args.reward_model, "value", args.bf16).to(accelerator.device)
     positions, rewards, scores = collect_segment_rewards(model, loader, threshold, accelerator)
-    settings.update(normalizer_settings(positions, rewards, scores, len(scores)))
+    fitted = normalizer_settings(positions, rewards, scores, len(scores))
+    if not all(math.isfinite(v) for v in [*fitted["normalizer"], fitted["mean"], fitted["std"]]):
+        fail(f"the fit on {len(scores)} responses is not finite; pass a larger --norm-samples")
+    if len(scores) < 1000:
+        print(f"warning: the normalizer rests on only {len(scores)} responses", file=sys.stderr)
+    settings.update(fitted, reference_model=ref_path)
     if accelerator.is_main_process:
-        write_settings(args.reward_model, settings)
-        if args.plot:
-            plot_normalizer(args.plot, positions, rewards, settings["normalizer"])
+        if args.plot:  # first: a failing plot leaves the settings as they were
+            try:
+                plot_normalizer(args.plot, positions, rewards, settings["normalizer"])
+            except (OSError, ValueError, ImportError) as e:
+                fail(f"--plot {args.plot}: {e}; the settings were left as they were")
+        if not in_place:
+            copy_model_files(args.reward_model, args.output_dir)
+        write_rm_settings(args.output_dir, settings, backup=in_place)
+    if not in_place:
+        finish_run(args, accelerator)
     keys = ("normalizer", "mean", "std", "norm_samples")
-    return {**{k: settings[k] for k in keys}, "output_dir": args.reward_model}
+    return {**{k: settings[k] for k in keys}, "output_dir": args.output_dir}
+
+
+def copy_model_files(src, dst):
+    """The files of a model folder (not its run records, caches or checkpoints) into dst."""
+    skip = ("args.json", "metrics.jsonl", SETTINGS_FILE, SETTINGS_FILE + ".bak")
+    for name in os.listdir(src):
+        path = os.path.join(src, name)
+        if os.path.isfile(path) and name not in skip and not name.startswith("entropy-"):
+            shutil.copy2(path, os.path.join(dst, name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -696,6 +741,7 @@ def ppo(args):
             save_checkpoint(accelerator, args, where)
     after = evaluate_policy(run, args)
     save_model(accelerator, policy, run.tokenizer, args.output_dir)
+    finish_run(args, accelerator)
     result = {
         "reward_before": round(before["reward"], 4),
         "reward_after": round(after["reward"], 4),
@@ -883,7 +929,7 @@ def ppo_setup(args):
     """Everything PPO needs: prompts, the four models, optimizers, schedules, stop ids."""
     settings = ensure_reward_model(args)
     accelerator = make_accelerator(args)
-    model_path = args.model or settings["reference_model"]
+    model_path = reference_model(args, settings)
     tokenizer = load_tokenizer(model_path)
     if tokenizer.get_vocab() != load_tokenizer(args.reward_model).get_vocab():
         fail(
@@ -907,7 +953,10 @@ def ppo_setup(args):
         generator=torch.Generator(),
     )
     eval_loader = torch.utils.data.DataLoader(eval_ds, args.rollout_chunk, collate_fn=collate)
-    prepare_output_dir(args, "ppo", accelerator)  # input checked: from here on, files are written
+    check_model_dir(model_path, kind="causal")
+    check_model_dir(args.reward_model, kind="reward")
+    inputs = [model_path, args.reward_model, args.dataset]
+    prepare_output_dir(args, "ppo", accelerator, inputs)  # input checked: from here on, writes
     run = types.SimpleNamespace(accelerator=accelerator, tokenizer=tokenizer, settings=settings)
     load_ppo_models(run, args, model_path)
     run.stop_ids = stop_token_ids(run.policy, end_id)
@@ -929,7 +978,7 @@ def load_ppo_models(run, args, model_path):
     frozen_bf16 = args.bf16 and args.lora_rank > 0  # LoRA: base weights never train, keep bf16
     run.policy = load_model(model_path, bf16=frozen_bf16)
     run.critic = load_model(model_path, "value", frozen_bf16)
-    init_head(run.critic)
+    init_head(run.critic, args.head_init, critic=True)
     run.policy = trainable(run.policy, args, "causal")
     run.critic = trainable(run.critic, args, "value")
     device = run.accelerator.device
@@ -971,7 +1020,7 @@ def sft(args):
     total = args.epochs * math.ceil(len(loader) / args.grad_accum)
     optimizer, scheduler = make_optimizer(model, args, total)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    prepare_output_dir(args, "sft", accelerator)
+    prepare_output_dir(args, "sft", accelerator, [args.model, args.dataset])
     model.train()
     bar = tqdm(total=args.epochs * len(loader), desc="sft", disable=quiet())
     for epoch in range(args.epochs):
@@ -990,6 +1039,7 @@ def sft(args):
                 bar.set_postfix(loss=f"{out.loss.item():.3f}")
         log_metrics(args, accelerator, {"epoch": epoch + 1, "sft/loss": out.loss.item()})
     save_model(accelerator, model, tokenizer, args.output_dir)
+    finish_run(args, accelerator)
     return {"sft/loss": round(out.loss.item(), 4), "output_dir": args.output_dir}
 
 
@@ -1003,8 +1053,8 @@ def sft_loader(args, tokenizer):
     check_columns(ds, [key or "completion"])
     end_id = end_token_id(tokenizer, args.end_token)
 
-    def encode_row(row):
-        prompt, response = split_conversation(row, key, tokenizer)
+    def encode_row(row, i):
+        prompt, response = split_conversation(row, key, tokenizer, i)
         prompt_ids, response_ids = encode(tokenizer, prompt, response, args.max_prompt_len, end_id)
         ids = (prompt_ids + response_ids)[: args.max_len]
         return {
@@ -1020,7 +1070,7 @@ def sft_loader(args, tokenizer):
             "attention_mask": pad_right([[1] * len(i) for i in ids], 0),
         }
 
-    ds = ds.map(encode_row, remove_columns=ds.column_names)
+    ds = ds.map(encode_row, with_indices=True, remove_columns=ds.column_names)
     batch = args.batch_size // args.grad_accum
     return torch.utils.data.DataLoader(ds, batch, shuffle=True, collate_fn=collate)
 
@@ -1190,7 +1240,8 @@ def load_rows(name, split="train"):
         builder = "parquet" if ext == "parquet" else "json"
         try:
             ds = datasets.load_dataset(builder, data_files=name, split="train")
-        except (datasets.exceptions.DatasetGenerationError, StopIteration):  # unparsable, or empty
+        except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError, OSError):
+            # unparsable (ValueError: pyarrow's ArrowInvalid), empty, unreadable, cache unwritable
             fail(f"could not read {name}: it must hold {ext} records, one per example")
     elif os.path.isdir(name) or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         try:
@@ -1207,28 +1258,28 @@ def load_rows(name, split="train"):
     return ds
 
 
-def split_conversation(row, key, tokenizer):
+def split_conversation(row, key, tokenizer, index=0):
     """(prompt, response text) of a row in any of TRL's layouts: standard (`prompt` and `key`
     strings) or conversational (`key` holds the assistant's turn, after a `prompt` message list,
     or a whole conversation that ends with it). The prompt comes back as messages, or as text
     when a prompt string already ends with the chat template's assistant header (a templated
     prompt is used as it is, not wrapped in a second user turn)."""
     value, prompt = row[key], row.get("prompt")
+    where = f"row {index}, column {key!r}"
     earlier, response = [], value
     if isinstance(value, list):
         if not value or not isinstance(value[-1], dict) or value[-1].get("role") != "assistant":
-            fail(f"column {key!r}: a conversation must end with an assistant turn")
+            fail(f"{where}: a conversation must end with an assistant turn")
         earlier, response = value[:-1], value[-1].get("content")
     if isinstance(prompt, str) and not is_templated(prompt, tokenizer):
         prompt = [{"role": "user", "content": prompt}]
     if prompt is None or isinstance(prompt, list):
         prompt = (prompt or []) + earlier
         if not prompt:
-            fail(f"column {key!r}: a conversation needs a prompt before the assistant's turn")
-        if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt):
-            fail(f"column {key!r}: message contents must be strings")
+            fail(f"{where}: a conversation needs a prompt before the assistant's turn")
+        check_turns(prompt, where)
     if not isinstance(prompt, (str, list)) or not isinstance(response, str):
-        fail(f"column {key!r}: message contents must be strings")
+        fail(f"{where}: message contents must be strings")
     return prompt, response
 
 
@@ -1248,6 +1299,16 @@ def implicit_prompt(chosen, rejected):
     cut = max(shared.rfind(" "), shared.rfind("\n"))
     prompt = shared[:cut] if cut > 0 else ""
     return prompt, chosen[len(prompt) :], rejected[len(prompt) :]
+
+
+def check_turns(messages, where):
+    """Every turn a dict with a string role and content (the chat template needs both)."""
+    for turn in messages:
+        ok = isinstance(turn, dict) and all(
+            isinstance(turn.get(k), str) for k in ("role", "content")
+        )
+        if not ok:
+            fail(f"{where}: every turn needs a string 'role' and 'content', got {turn!r}")
 
 
 def check_columns(ds, keys):
@@ -1290,12 +1351,16 @@ def prepare_pairs(ds, tokenizer, args, end_id):
     """Token ids of prompt / chosen / rejected; unusable pairs are skipped and counted."""
     check_columns(ds, ["chosen", "rejected"])
 
-    def encode_row(row):
-        if row.get("prompt") is None and isinstance(row["chosen"], str):
+    def encode_row(row, i):
+        if row.get("prompt") is None and all(
+            isinstance(row[k], str) for k in ("chosen", "rejected")
+        ):
             prompt, chosen, rejected = implicit_prompt(row["chosen"], row["rejected"])
         else:
-            prompt, chosen = split_conversation(row, "chosen", tokenizer)
-            rejected = split_conversation(row, "rejected", tokenizer)[1]
+            prompt, chosen = split_conversation(row, "chosen", tokenizer, i)
+            other, rejected = split_conversation(row, "rejected", tokenizer, i)
+            if other != prompt:  # a pair compares two answers to one prompt
+                fail(f"row {i}: chosen and rejected have different prompts")
         prompt_ids, chosen_ids = encode(tokenizer, prompt, chosen, args.max_prompt_len, end_id)
         rejected_ids = encode(tokenizer, prompt, rejected, args.max_prompt_len, end_id)[1]
         if args.long_pairs == "truncate":  # the authors' way: cut, and end on the end token
@@ -1305,7 +1370,9 @@ def prepare_pairs(ds, tokenizer, args, end_id):
         skip = ""
         if not prompt_ids:
             skip = "no prompt (implicit layout without a shared prefix)"
-        elif min(len(chosen_ids), len(rejected_ids)) < 2:
+        elif min(len(chosen_ids), len(rejected_ids)) < 2 or not (
+            chosen.strip() and rejected.strip()
+        ):
             skip = "empty response"
         elif chosen_ids == rejected_ids:
             skip = "chosen identical to rejected"
@@ -1318,7 +1385,7 @@ def prepare_pairs(ds, tokenizer, args, end_id):
             "skip": skip,
         }
 
-    ds = ds.map(encode_row, remove_columns=ds.column_names)
+    ds = ds.map(encode_row, with_indices=True, remove_columns=ds.column_names)
     skipped = {reason: ds["skip"].count(reason) for reason in set(ds["skip"]) - {""}}
     if skipped:
         print(f"skipped pairs: {skipped}", file=sys.stderr)
@@ -1429,19 +1496,23 @@ def prompt_rows(ds, tokenizer, max_prompt_len):
             f"found {ds.column_names}"
         )
 
-    def encode_prompt(row):
-        value = row[key]
+    def encode_prompt(row, i):
+        value, where = row[key], f"row {i}, column {key!r}"
         if isinstance(value, list) and value and isinstance(value[-1], dict) and key != "prompt":
+            if value[-1].get("role") == "assistant" and len(value) == 1:
+                fail(f"row {i}: column {key!r} holds an answer without a prompt")
             value = value[:-1] if value[-1].get("role") == "assistant" else value
         if not value or not isinstance(value, (str, list)):
-            fail(f"column {key!r} must hold a prompt string or a message list")
-        if isinstance(value, str) and not is_templated(value, tokenizer):
+            fail(f"row {i}: column {key!r} must hold a prompt string or a message list")
+        if isinstance(value, list):
+            check_turns(value, where)
+        elif not is_templated(value, tokenizer):
             value = [{"role": "user", "content": value}]
         ids = encode(tokenizer, value, "", max_prompt_len, None)[0]
-        text = value if isinstance(value, str) else value[-1].get("content")
+        text = value if isinstance(value, str) else value[-1]["content"]
         return {"prompt_text": text, "input_ids": ids}
 
-    return ds.map(encode_prompt, remove_columns=ds.column_names)
+    return ds.map(encode_prompt, with_indices=True, remove_columns=ds.column_names)
 
 
 def prompt_splits(args, tokenizer):
@@ -1526,11 +1597,70 @@ def gguf_folder(path):
     return folder
 
 
+WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def check_model_dir(path, kind="backbone"):
+    """A local model folder, checked before any run directory is written: a readable config and
+    complete weights (safetensors headers are read, not the tensors). kind 'causal': not a reward
+    model (its LM head was never trained); 'reward': holds the scalar head `score.weight`, which
+    from_pretrained would otherwise fill with random values, giving random rewards."""
+    path = model_folder(path)
+    if not os.path.isdir(path):
+        return  # a hub id: from_pretrained checks it
+    config = read_json(os.path.join(path, "config.json"), "model config")
+    value_model = any("ForSequenceClassification" in a for a in config.get("architectures") or [])
+    if kind == "causal" and (value_model or os.path.exists(os.path.join(path, SETTINGS_FILE))):
+        fail(f"{path} is a reward / value model; --model needs the SFT (causal LM) model")
+    names = weight_names(path)
+    heads = [n for n in names or [] if n.split(".")[-2:] == ["score", "weight"]]
+    if kind == "reward" and names is not None and not heads:
+        other = [n for n in names if "head" in n and "lm_head" not in n]
+        found = f" (found {', '.join(other)}: rename it to score.weight)" if other else ""
+        fail(f"reward model {path} has no scalar head score.weight in its weights{found}")
+
+
+def weight_names(path):
+    """Tensor names of a model folder's weights (None for .bin files), failing on missing or
+    damaged files."""
+    files = [name for name in WEIGHTS if os.path.isfile(os.path.join(path, name))]
+    if not files:
+        fail(f"model {path} has no weights ({', '.join(WEIGHTS)}); is the folder complete?")
+    if files[0].endswith(".bin"):
+        return None  # reading names would load the tensors
+    if files[0].endswith(".index.json"):
+        index = read_json(os.path.join(path, files[0]), "weights index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict):
+            fail(f"the weights index {os.path.join(path, files[0])} has no weight_map")
+        for shard in sorted(set(weight_map.values())):
+            safetensors_names(os.path.join(path, shard))
+        return list(weight_map) if files[0].startswith("model.") else None
+    return safetensors_names(os.path.join(path, files[0]))
+
+
+def safetensors_names(file):
+    if not file.endswith(".safetensors"):
+        if not os.path.isfile(file):
+            fail(f"weights file {file} is missing; is the folder complete?")
+        return None
+    try:
+        with safe_open(file, "pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as e:
+        fail(f"could not read the weights {file} ({e}); it is damaged or truncated: copy it again")
+
+
 def load_tokenizer(path):
     path = model_folder(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         fail(f"could not load a tokenizer from {path!r}: {str(e).splitlines()[0]}")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # pad == eos is fine: masks mark the padding
@@ -1543,6 +1673,7 @@ def load_model(path, kind="causal", bf16=False):
     """kind: 'causal' (policy, reference) or 'value' (backbone + linear head -> 1, no bias:
     reward model and critic, the layout of AutoModelForSequenceClassification(num_labels=1))."""
     path = model_folder(path)
+    check_model_dir(path)
     auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     try:
         config = AutoConfig.from_pretrained(path, num_labels=1)
@@ -1552,7 +1683,7 @@ def load_model(path, kind="causal", bf16=False):
                 setattr(config, key, 0.0)
         dtype = torch.bfloat16 if bf16 else torch.float32
         model = auto.from_pretrained(path, config=config, dtype=dtype)
-    except OSError as e:
+    except (OSError, ValueError, SafetensorError) as e:
         fail(f"could not load model {path!r}: {str(e).splitlines()[0]}")
     if model.config.pad_token_id is None:
         eos = model.config.eos_token_id
@@ -1600,7 +1731,10 @@ def trainable(model, args, kind):
             target_modules=args.lora_targets,
             task_type=task,
         )
-        model = get_peft_model(model, config)
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as e:  # e.g. target modules the model does not have
+            fail(f"--lora-targets {args.lora_targets}: {str(e).splitlines()[0]}")
         for p in model.parameters():  # base weights stay frozen (bf16); what trains is fp32
             p.data = p.data.float() if p.requires_grad else p.data
     return model
@@ -1626,8 +1760,18 @@ def save_model(accelerator, model, tokenizer, output_dir):
         model = accelerator.unwrap_model(model)
         if hasattr(model, "merge_and_unload"):  # LoRA: merge the adapters into plain weights
             model, state_dict = model.merge_and_unload(), None
-        model.save_pretrained(output_dir, state_dict=state_dict)
-        tokenizer.save_pretrained(output_dir)
+        # Written aside, then moved in: a failed save (disk full) leaves no half-written weights.
+        tmp = os.path.join(output_dir, "model.tmp")
+        try:
+            model.save_pretrained(tmp, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+            for name in os.listdir(tmp):
+                os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+            os.rmdir(tmp)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = latest_checkpoint(output_dir) or "none (pass --save-every N to keep some)"
+            fail(f"could not save the model in {output_dir} ({e}); last checkpoint: {last}")
     accelerator.wait_for_everyone()
 
 
@@ -1672,24 +1816,196 @@ def reduce_dict(accelerator, values, op):
     return dict(zip(values, accelerator.reduce(stacked, op).tolist()))
 
 
-def prepare_output_dir(args, command, accelerator):
-    """Refuse to mix two runs in one directory unless --overwrite (--resume needs the same run)."""
-    skip = ("overwrite", "resume", "save_every")
-    saved = {k: v for k, v in dataclasses.asdict(args).items() if k not in skip}
-    path = os.path.join(args.output_dir, "args.json")
-    if os.path.exists(path) and not args.overwrite:
-        with open(path) as f:
-            if json.load(f) != {"command": command, **saved}:
-                fail(
-                    f"{args.output_dir} holds a different run; pass --overwrite or another "
-                    "--output-dir"
-                )
+def prepare_output_dir(args, command, accelerator, inputs=()):
+    """Claim the run directory; every check runs before anything is written. Never a directory
+    the script did not write, nor one that is or holds an input; an unfinished run (checkpoints)
+    goes on only with --resume and its own flags; a finished one is replaced only once the new
+    run is complete: the new run is written to OUT.incomplete and renamed in finish_run."""
+    final, staged = args.output_dir, args.output_dir + ".incomplete"
+    saved = run_args(args, command)
+    for path in inputs:
+        if path and os.path.exists(path) and overlaps(final, path):
+            fail(f"--output-dir {final} would overwrite the input {path}; pass another one")
+    if args.resume and os.path.isfile(os.path.join(staged, "args.json")):
+        run_dir_mode(staged, saved, args)  # an interrupted replacement: go on with it
+        work = staged
+    elif run_dir_mode(final, saved, args) == "replace":
+        run_dir_mode(staged, saved, args)  # an abandoned earlier attempt may be cleared, no more
+        if os.path.exists(final + ".replaced") and not ours(final + ".replaced"):
+            fail(f"{final}.replaced is in the way (not written by segment_rlhf.py); move it")
+        work = staged
+    else:
+        work = final
+    args.final_dir, args.output_dir = final, work
+    if args.resume and checkpoints(work):
+        check_checkpoint(latest_checkpoint(work))
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({"command": command, **saved}, f, indent=1)
-        if not args.resume:
-            open(os.path.join(args.output_dir, "metrics.jsonl"), "w").close()
+        take_lock(final + ".lock")
+        fresh = work == staged and not args.resume
+        if fresh:
+            shutil.rmtree(staged, ignore_errors=True)
+        args.created = fresh or not os.path.exists(work)
+        try:
+            os.makedirs(work, exist_ok=True)
+        except OSError as e:
+            fail(f"cannot create --output-dir {final}: {e.strerror}")
+        write_json(os.path.join(work, "args.json"), saved)
+        if not (args.resume and checkpoints(work)):  # no stale rows from an earlier attempt
+            open(os.path.join(work, "metrics.jsonl"), "w").close()
+    accelerator.wait_for_everyone()
+
+
+def run_args(args, command):
+    """The flags a run is defined by, as saved in its args.json."""
+    skip = ("overwrite", "resume", "save_every", "final_dir", "created")
+    return {
+        "command": command,
+        **{k: v for k, v in dataclasses.asdict(args).items() if k not in skip},
+    }
+
+
+def overlaps(a, b):
+    """Whether path a is path b, or one holds the other."""
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return os.path.commonpath([a, b]) in (a, b)
+
+
+def ours(path):
+    """A directory this script wrote (it has args.json), or an empty one."""
+    if not os.path.isdir(path):
+        return False
+    return not os.listdir(path) or os.path.isfile(os.path.join(path, "args.json"))
+
+
+def run_dir_mode(path, saved, args):
+    """'new' (absent or empty), 'resume' or 'replace' for the run `saved` in `path`; else fail."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"--output-dir {path} is a file; pass a directory")
+    if not os.path.isdir(path) or not os.listdir(path):
+        return "new"
+    if not ours(path):
+        fail(
+            f"{path} is not empty and was not written by segment_rlhf.py; pass another --output-dir"
+        )
+    old = read_json(os.path.join(path, "args.json"), "run settings")
+    if args.resume and old != saved:
+        flags = [f.name for f in dataclasses.fields(args) if f.init]  # not the derived sizes
+        changed = [k for k in ["command", *flags] if old.get(k) != saved.get(k)]
+        diff = ", ".join(
+            f"--{k.replace('_', '-')} {saved.get(k)} (was {old.get(k)})" for k in changed
+        )
+        fail(f"--resume: {path} was written with other flags: {diff}; rerun with its flags")
+    if args.resume:
+        return "resume"
+    if checkpoints(path) and not args.overwrite:
+        fail(
+            f"{path} holds checkpoints of an unfinished run; pass --resume to continue, or "
+            "--overwrite to start again"
+        )
+    if old != saved and not args.overwrite:
+        fail(f"{path} holds a different run; pass --overwrite or another --output-dir")
+    return "replace"
+
+
+def take_lock(path):
+    """One run per directory: a lock file holding the pid; one whose process is gone is stale."""
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = lock_owner(path)
+            if pid is not None:
+                fail(
+                    f"{path[: -len('.lock')]} is in use by another run (process {pid}); wait for "
+                    f"it, or remove {path} if that process is not ours"
+                )
+            continue
+        except OSError as e:
+            fail(f"cannot write beside --output-dir ({path}): {e.strerror}")
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return
+    fail(f"could not take the lock {path}; remove it if no run is using that directory")
+
+
+def lock_owner(path):
+    """The live process holding the lock at `path`, or None (after removing a stale lock)."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        pid = 0
+    alive = pid > 0 and pid != os.getpid()  # our own pid: left by a failed run in this process
+    try:
+        os.kill(pid, 0) if alive else None
+    except ProcessLookupError:
+        alive = False
+    except PermissionError:  # another user's live process
+        pass
+    if alive:
+        return pid
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    return None
+
+
+def release_lock(final_dir):
+    path = final_dir + ".lock"
+    try:
+        with open(path) as f:
+            mine = f.read().strip() == str(os.getpid())
+        if mine:
+            os.remove(path)
+    except OSError:
+        pass
+
+
+def finish_run(args, accelerator):
+    """The run is complete: a staged run takes the old one's place (renamed aside, then removed),
+    and the lock is released."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and args.output_dir != args.final_dir:
+        aside = args.final_dir + ".replaced"
+        shutil.rmtree(aside, ignore_errors=True)
+        if os.path.isdir(args.final_dir):
+            os.replace(args.final_dir, aside)
+        os.replace(args.output_dir, args.final_dir)
+        shutil.rmtree(aside, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    args.output_dir = args.final_dir
+    args.created = False
+    release_lock(args.final_dir)
+
+
+def close_run(args):
+    """After a failed run: remove the directory it created unless a checkpoint can resume it."""
+    final = getattr(args, "final_dir", "")
+    if not final:
+        return
+    if args.created and not checkpoints(args.output_dir):
+        shutil.rmtree(args.output_dir, ignore_errors=True)
+    release_lock(final)
+
+
+def read_json(path, what):
+    """A JSON file the user may have edited or truncated: read, or one line saying what is wrong."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(f"could not read the {what} {path}: {e}")
+    if not isinstance(value, dict):
+        fail(f"the {what} {path} must hold a JSON object")
+    return value
+
+
+def write_json(path, value):
+    """Written under a temporary name and renamed: a crash never leaves half a file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def log_metrics(args, accelerator, row):
@@ -1716,13 +2032,17 @@ def save_checkpoint(accelerator, args, state):
     data position, ...), written to a temporary directory and then renamed: a crash never leaves
     half a checkpoint. Only the newest is kept."""
     path = os.path.join(args.output_dir, f"checkpoint-{state['step']}")
-    accelerator.save_state(path + ".tmp")
-    accelerator.wait_for_everyone()
+    last = latest_checkpoint(args.output_dir) or "none"
+    try:
+        accelerator.save_state(path + ".tmp")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with open(os.path.join(args.output_dir, "metrics.jsonl")) as f:
+                state["metrics_rows"] = sum(1 for _ in f)
+            write_json(os.path.join(path + ".tmp", "state.json"), state)
+    except OSError as e:  # disk full, say: the last complete checkpoint is still there
+        fail(f"could not write {path} ({e}); last good checkpoint: {last}")
     if accelerator.is_main_process:
-        with open(os.path.join(args.output_dir, "metrics.jsonl")) as f:
-            state["metrics_rows"] = sum(1 for _ in f)
-        with open(os.path.join(path + ".tmp", "state.json"), "w") as f:
-            json.dump(state, f)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(path + ".tmp", path)
         for old in checkpoints(args.output_dir):
@@ -1740,9 +2060,12 @@ def load_checkpoint(accelerator, args):
             file=sys.stderr,
         )
         return None
-    accelerator.load_state(path)
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
+    state = check_checkpoint(path)
+    try:
+        accelerator.load_state(path)
+    except (OSError, RuntimeError, EOFError, ValueError, SafetensorError, pickle.PickleError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        fail(f"checkpoint {path} is damaged ({first}); remove it to resume from none")
     if accelerator.is_main_process:
         metrics = os.path.join(args.output_dir, "metrics.jsonl")
         with open(metrics) as f:
@@ -1750,6 +2073,21 @@ def load_checkpoint(accelerator, args):
         with open(metrics, "w") as f:
             f.writelines(rows)
     print(f"resumed from {path}", file=sys.stderr)
+    return state
+
+
+def check_checkpoint(path):
+    """Before any work: the checkpoint's state and the headers of its weights are readable."""
+    state = read_json(os.path.join(path, "state.json"), "checkpoint state")
+    if not isinstance(state.get("step"), int) or not isinstance(state.get("metrics_rows"), int):
+        fail(f"checkpoint {path} is incomplete (state.json); remove it to resume from none")
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(path, name), "pt"):
+                    pass
+            except (SafetensorError, OSError) as e:
+                fail(f"checkpoint {path} is damaged ({name}: {e}); remove it to resume from none")
     return state
 
 
@@ -1851,7 +2189,7 @@ PAPER_PPO = dict(
     beta=0.01,
     missing_eos_penalty=0.0,
 )
-PAPER_BOTH = dict(bf16=True, gradient_checkpointing=True, min_lr_ratio=0.1)
+PAPER_BOTH = dict(bf16=True, gradient_checkpointing=True, min_lr_ratio=0.1, head_init="authors")
 
 
 def preset_defaults(name, command):
@@ -1892,20 +2230,12 @@ def released_rm_settings(path):
             }
             if kind != "bandit":
                 settings["normalizer"] = list(m[kind])
-            config = read_json(os.path.join(path, "config.json")) if local else {}
+            config = read_json(os.path.join(path, "config.json"), "model config") if local else {}
             return {**settings, **{k: config[k] for k in ("mean", "std") if k in config}}
     return None
 
 
-def load_rm_settings(path):
-    """Segmentation settings and normalizer of a reward model: its segment_rlhf.json, the same
-    under `segment_rlhf` in its config.json, or the released models' table."""
-    file = os.path.join(path, SETTINGS_FILE)
-    if os.path.exists(file):
-        return read_json(file)
-    config = os.path.join(path, "config.json")
-    if os.path.exists(config) and "segment_rlhf" in read_json(config):
-        return read_json(config)["segment_rlhf"]
+def released_settings_or_fail(path):
     settings = released_rm_settings(path)
     if settings is None:
         fail(
@@ -1915,20 +2245,77 @@ def load_rm_settings(path):
     return settings
 
 
-def write_settings(folder, settings):
-    """The settings file beside the reward model, and the same in its config.json (with mean /
-    std at the top level, as OpenRLHF writes them), so the folder alone carries them."""
-    with open(os.path.join(folder, SETTINGS_FILE), "w") as f:
-        json.dump(settings, f, indent=1)
-    config = read_json(os.path.join(folder, "config.json"))
+def check_rm_settings(file, settings):
+    """A settings file someone may have edited: the keys the commands read, numbers finite."""
+    missing = [
+        k for k in ("entropy_threshold", "reference_model", "end_token") if k not in settings
+    ]
+    if missing:
+        fail(f"{file} lacks {', '.join(missing)}; retrain with train-rm or restore the file")
+    if not all(isinstance(settings[k], str) for k in ("reference_model", "end_token")):
+        fail(f"{file}: reference_model and end_token must be strings")
+    if not is_number(settings["entropy_threshold"]) or not settings["entropy_threshold"] >= 0:
+        fail(f"{file}: entropy_threshold must be a number >= 0 (inf: bandit)")
+    norm = settings.get("normalizer")
+    if norm is not None and not (isinstance(norm, list) and len(norm) == 4):
+        fail(f"{file}: normalizer must be [a_mu, a_sigma, b_mu, b_sigma]; refit with fit-norm")
+    numbers = [*(norm or []), *(settings[k] for k in ("mean", "std") if k in settings)]
+    if not all(is_number(v) and math.isfinite(v) for v in numbers):
+        fail(f"{file}: the normalizer holds non-finite or non-numeric values; refit with fit-norm")
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def write_rm_settings(rm_dir, settings, backup=False):
+    """Settings beside the reward model, and the same in its config.json (with mean / std at the
+    top level, as OpenRLHF writes them), so the folder alone carries them. A local reference
+    model is stored relative to the reward model, so a folder holding both can move; a backup
+    keeps the previous settings file when asked for."""
+    ref = settings["reference_model"]
+    if os.path.isdir(ref):  # the absolute path too, for a reward model copied elsewhere alone
+        settings = {**settings, "reference_model_was": os.path.abspath(ref)}
+        ref = os.path.relpath(os.path.abspath(ref), os.path.abspath(rm_dir))
+    settings = {**settings, "reference_model": ref}
+    file = os.path.join(rm_dir, SETTINGS_FILE)
+    if backup and os.path.exists(file):
+        shutil.copy2(file, file + ".bak")
+    write_json(file, settings)
+    config = read_json(os.path.join(rm_dir, "config.json"), "model config")
     config.update(segment_rlhf=settings, mean=settings["mean"], std=settings["std"])
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    write_json(os.path.join(rm_dir, "config.json"), config)
 
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+def reference_model(args, settings):
+    """--model, else the reward model's reference model, which must be where it was."""
+    path = args.model or settings["reference_model"]
+    if not args.model and os.path.isabs(path) and not os.path.isdir(path):
+        fail(
+            f"the reference model {path} of reward model {args.reward_model} is not there "
+            "(moved?); pass its new place with --model"
+        )
+    return path
+
+
+def load_rm_settings(path):
+    """Segmentation settings and normalizer of a reward model, checked: its segment_rlhf.json,
+    the same under `segment_rlhf` in its config.json, or the released models' table."""
+    file = os.path.join(path, SETTINGS_FILE)
+    config = os.path.join(path, "config.json")
+    if os.path.exists(file):
+        settings = read_json(file, "reward model settings")
+    elif os.path.exists(config) and "segment_rlhf" in read_json(config, "model config"):
+        file, settings = config, read_json(config, "model config")["segment_rlhf"]
+    else:
+        return released_settings_or_fail(path)
+    check_rm_settings(file, settings)
+    ref = settings["reference_model"]
+    if ref.startswith("."):  # stored relative to the reward model (write_rm_settings)
+        ref = os.path.abspath(os.path.join(path, ref))
+        where_it_was = settings.get("reference_model_was", ref)
+        settings["reference_model"] = ref if os.path.isdir(ref) else where_it_was
+    return settings
 
 
 def planned_rm_settings(args):
@@ -1951,10 +2338,10 @@ def resolve_reward(args, settings):
     """Reward mode (from the reward model's cutoff unless given) and value clip, checked."""
     c = settings["entropy_threshold"]
     bandit = math.isinf(c)
-    args.reward_mode = args.reward_mode or (
-        "bandit" if bandit else "token" if c == 0 else "segment"
-    )
-    if (args.reward_mode == "bandit") != bandit:
+    trained = "bandit" if bandit else "token" if c == 0 else "segment"
+    args.reward_mode = args.reward_mode or trained
+    # Each mode's normalizer belongs to its cutoff: a segment one applied per token is wrong.
+    if args.reward_mode != trained:
         fail(
             f"--reward-mode {args.reward_mode} does not fit a reward model trained with entropy "
             f"threshold {c}"
@@ -2067,19 +2454,26 @@ def segments_of(tokenizer, ids, entropy, ends, values, first):
 
 def segment(args):
     """The `segment` subcommand: print (and draw) responses cut into their segments."""
+    if args.text is not None and {args.prompt, args.response, args.dataset} != {None}:
+        fail("--text and --prompt / --response / --dataset are two inputs: pass one of them")
+    if args.text is not None and not args.text.strip():
+        fail("--text is empty")
+    check_writable(args.html, "--html")
     settings = load_rm_settings(args.reward_model) if args.reward_model else {}
+    if args.reward_model:
+        check_model_dir(args.reward_model, kind="reward")
     threshold = args.entropy_threshold
     if math.isnan(threshold):
         threshold = settings.get("entropy_threshold", 1.0)
     if not threshold >= 0:
         fail(f"--entropy-threshold must be >= 0, got {threshold}")
-    model_path = args.model or settings.get("reference_model") or toy_sft_model()
+    model_path = reference_model(args, settings) if settings else args.model or toy_sft_model()
     tokenizer = load_tokenizer(model_path)
     inputs = segment_inputs(args, tokenizer)
     ref = load_model(model_path).eval()
     rm = load_model(args.reward_model, "value").eval() if args.reward_model else None
     end_id = None
-    if not args.text:
+    if args.text is None:
         end_id = end_token_id(tokenizer, args.end_token or settings.get("end_token", ""))
     pairs = [(prompt, response) for _, prompt, response in inputs]
     cut = cut_segments(tokenizer, ref, rm, pairs, threshold, end_id)
@@ -2105,12 +2499,20 @@ def segment(args):
 
 def segment_inputs(args, tokenizer):
     """[(title, prompt, response)] to show: --text, --prompt / --response, the chosen and
-    rejected responses of a --dataset row side by side, or the toy's demo pair."""
-    if args.text:  # raw text: no template, no end token, every token is content
+    rejected responses of a --dataset row side by side, or the toy's demo pair when no input at
+    all is given."""
+    if args.text is not None:  # raw text: no template, no end token, every token is content
         return [("text", "", args.text)]
-    if args.response:
-        return [("response", [{"role": "user", "content": args.prompt}], args.response)]
-    if not args.dataset:
+    given = [f for f in ("dataset", "prompt", "response") if getattr(args, f) is not None]
+    if args.dataset is not None and len(given) > 1:
+        fail("--dataset and --prompt / --response are two inputs: pass one of them")
+    if args.prompt is not None and args.response is None:
+        fail("--prompt needs --response: the response is what gets segmented")
+    if args.response is not None and not args.response.strip():
+        fail("--response is empty")
+    if args.response is not None:
+        return [("response", [{"role": "user", "content": args.prompt or ""}], args.response)]
+    if args.dataset is None:
         prompt, chosen, rejected = TOY_DEMO
         user = [{"role": "user", "content": prompt}]
         return [("chosen", user, chosen), ("rejected", user, rejected)]
@@ -2120,7 +2522,20 @@ def segment_inputs(args, tokenizer):
     check_columns(rows, ["chosen"])
     keys = [k for k in ("chosen", "rejected") if k in rows.column_names]
     row = rows[args.row]
-    return [(f"row {args.row}, {k}", *split_conversation(row, k, tokenizer)) for k in keys]
+    return [
+        (f"row {args.row}, {k}", *split_conversation(row, k, tokenizer, args.row)) for k in keys
+    ]
+
+
+def check_writable(path, flag):
+    """Before the work: the file a command writes at its end can be written there."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        fail(f"{flag} {path} cannot be written: a folder, or its folder is missing or read-only")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        fail(f"{flag} {path} cannot be written: the file is read-only")
 
 
 # The segment view's colours: white at reward 0, red below and green above, full at |r| = scale
@@ -2284,6 +2699,7 @@ def plot_normalizer(path, positions, rewards, params):
 # before anything runs.
 
 RANGES = {  # flag: (test, what it must be)
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     "lr": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "critic_lr": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "entropy_threshold": (lambda v: v >= 0, ">= 0 (0: token level, inf: bandit)"),
@@ -2337,8 +2753,10 @@ def resolve(command, args):
     if isinstance(args, SegmentArgs):
         return args
     check_ranges(args)
-    if command == "fit-norm":
-        args.output_dir = args.reward_model  # the entropy cache goes beside the reward model
+    if args.resume and args.overwrite:
+        fail("--resume continues a run and --overwrite starts it again: pass one of them")
+    if command == "fit-norm":  # in place unless --output-dir; the entropy cache goes there
+        args.output_dir = args.output_dir or args.reward_model
     args.output_dir = args.output_dir or f"runs/{COMMANDS[command]}"
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
     if args.batch_size % (args.grad_accum * processes):
@@ -2423,7 +2841,14 @@ def main(argv=None):
         print(json.dumps(resolved, indent=1))
         return resolved
     run = {"sft": sft, "train-rm": train_rm, "fit-norm": fit_norm, "ppo": ppo, "segment": segment}
-    result = run[command](args)
+    try:
+        result = run[command](args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; 130 as for any SIGINT
+        hint = "; resume with --resume" if command in ("train-rm", "ppo") else ""
+        print(f"segment_rlhf: error: interrupted{hint}", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        close_run(args)  # a run that did not finish leaves no directory it created
     print(json.dumps(result))
     return result
 

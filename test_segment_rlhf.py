@@ -1,12 +1,16 @@
 """Tests: pure functions on hand-built cases and properties, then short toy runs of each stage."""
 
+import hashlib
 import json
 import math
 import os
 import random
 import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -233,8 +237,11 @@ def test_scalar_heads_start_with_the_authors_small_init():
         num_key_value_heads=2,
         num_labels=1,
     )
-    head = S.init_head(LlamaForSequenceClassification(config)).score.weight
+    head = S.init_head(LlamaForSequenceClassification(config), "authors").score.weight
     assert head.std().item() == pytest.approx(1 / 1025, rel=0.15)
+    critic = S.init_head(LlamaForSequenceClassification(config), "model", critic=True)
+    assert critic.score.weight.abs().sum() == 0  # the toy's critic starts at zero
+    assert S.main(["ppo", "--preset", "phi3-mini", "--dry-run"])["head_init"] == "authors"
 
 
 # --- toy task -------------------------------------------------------------------------------------
@@ -534,8 +541,9 @@ def test_segment_page_shades_each_segment_and_escapes_what_it_shows(toy, tmp_pat
     for (reward, red, green, _), seg in zip(spans, out["segments"]):
         assert float(reward) == seg["reward"]
         assert (int(red) > int(green)) == (seg["reward"] < 0)  # red below zero, green above
-    assert "<script>" not in text and "&lt;script&gt;" in text and "&amp;" in text
-    assert "<script" not in text.lower().replace("&lt;script", "")  # the page runs no script
+    shown = re.sub(r"<[^>]+>", "", text)  # the text the page shows, token spans joined
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; fig." in shown
+    assert "<script" not in text.lower()  # the page runs no script
     assert "\033[" not in capsys.readouterr().out  # not a terminal: plain text
     assert "\033[48;2;" in S.segments_terminal(out["segments"], color=True)
 
@@ -807,8 +815,9 @@ def test_resumed_run_equals_uninterrupted_run(command, toy, tmp_path, monkeypatc
     whole = S.main(argv + ["--output-dir", str(tmp_path / "whole")])
     crashed = argv + ["--output-dir", str(tmp_path / "run"), "--save-every", "3"]
     calls = crash_at_checkpoint(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as e:  # Ctrl-C: one line and status 130, not a traceback
         S.main(crashed)
+    assert e.value.code == 130
     monkeypatch.undo()
     assert calls == [3, 6] and sorted(os.listdir(tmp_path / "run")).count("checkpoint-6.tmp") == 1
     resumed = S.main(crashed + ["--resume"])  # picks checkpoint-3: checkpoint-6 was never completed
@@ -890,6 +899,296 @@ def test_non_finite_reward_stops_ppo(toy, tmp_path, monkeypatch):
                 str(tmp_path / "ppo"),
             ]
         )
+
+
+# --- hostile input: nothing lost, nothing half-written, never a traceback -------------------------
+
+
+def tree_hashes(root):
+    """{relative path: sha1} of every file under root, and every folder (None)."""
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(folder, name), root)] = None
+        for name in files:
+            path = os.path.join(folder, name)
+            out[os.path.relpath(path, root)] = hashlib.sha1(open(path, "rb").read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def hostile(toy, tmp_path_factory):
+    """Damaged models, settings, checkpoints and data, each a small variation of the toy's."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    pair = {"prompt": "Name 2 fruits.", "chosen": "fig, kiwi", "rejected": "fig, cat"}
+
+    def turns(prompt, answer, role="user"):
+        return [{"role": role, "content": prompt}, {"role": "assistant", "content": answer}]
+
+    files = {
+        "pairs": [pair] * 6,
+        "no_role": [{"chosen": turns("q", "a", None), "rejected": turns("q", "b", None)}],
+        "two_prompts": [{"chosen": turns("q1", "a"), "rejected": turns("q2", "b")}],
+        "blank": [{**pair, "chosen": "   "}] * 3,
+        "int_prompts": [{"prompt": 3}] * 40,
+    }
+    for name, rows in files.items():
+        (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp / "bad.parquet").write_bytes(b"PAR1 not really")
+    (tmp / "a_file").write_text("x")
+    (tmp / "notes").mkdir()
+    (tmp / "notes" / "todo.txt").write_text("mine")
+
+    def model_copy(name, src, settings=None, drop=(), edit=None):
+        path = shutil.copytree(src, tmp / name)
+        for f in drop:
+            os.remove(path / f)
+        if settings is not None:
+            json.dump(settings, open(path / S.SETTINGS_FILE, "w"))
+        if edit:
+            edit(path)
+        return path
+
+    good = json.load(open(os.path.join(toy["rm"], S.SETTINGS_FILE)))
+    model_copy("sft_copy", toy["sft"])
+    (tmp / "holder").mkdir()
+    model_copy("holder/sft", toy["sft"])
+    model_copy("tokenizer_only", toy["sft"], drop=["model.safetensors"])
+    model_copy("truncated", toy["sft"], edit=lambda p: truncate(p / "model.safetensors"))
+    model_copy("bad_config", toy["sft"], edit=lambda p: (p / "config.json").write_text("{"))
+    model_copy("lm_as_rm", toy["sft"], settings=good)
+    model_copy("value_head", toy["rm"], edit=rename_score_to_value_head)
+    model_copy("rm_bad_json", toy["rm"], edit=lambda p: (p / S.SETTINGS_FILE).write_text("{x"))
+    model_copy("rm_no_keys", toy["rm"], settings={"normalizer": good["normalizer"]})
+    model_copy("rm_nan_norm", toy["rm"], settings={**good, "normalizer": [float("nan")] * 4})
+    model_copy("rm_moved_ref", toy["rm"], settings={**good, "reference_model": "/nowhere/sft"})
+    args = json.load(open(os.path.join(toy["rm"], "args.json")))
+    for name in ("rm_run", "rm_bad_ckpt"):  # the toy run's own directory, as if killed at step 3
+        path = model_copy(name, toy["rm"])
+        json.dump({**args, "output_dir": str(path)}, open(path / "args.json", "w"), indent=1)
+        (path / "checkpoint-3").mkdir()
+        (path / "checkpoint-3" / "state.json").write_text('{"step": 3, "metrics_rows": 1}')
+    (tmp / "rm_bad_ckpt" / "checkpoint-3" / "model.safetensors").write_text("garbage")
+    return tmp
+
+
+def truncate(path):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+
+
+def rename_score_to_value_head(path):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path / "model.safetensors")
+    weights["value_head.weight"] = weights.pop("score.weight")
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+
+
+RM = ["train-rm", "--model", "{sft}", "--epochs", "1", "--batch-size", "16"]
+SMALL_RM = RM + ["--dataset", "{tmp}/pairs.jsonl", "--eval-size", "1"]
+PPO = [
+    "ppo",
+    "--steps",
+    "2",
+    "--batch-size",
+    "16",
+    "--mini-batch-size",
+    "8",
+    "--eval-prompts",
+    "16",
+]
+RUN_RM = ["train-rm", "--model", "{sft}", "--epochs", "3", "--output-dir", "{tmp}/rm_run"]
+
+# Each class of the issue "nothing lost, nothing half-written", several cases each: argv ({sft},
+# {rm}, {tmp} filled in; --output-dir {tmp}/out added where missing) and the expected message.
+HOSTILE = {
+    "data loss": {
+        "output dir is the input model": (
+            RM + ["--model", "{tmp}/sft_copy", "--output-dir", "{tmp}/sft_copy", "--overwrite"],
+            "would overwrite the input",
+        ),
+        "output dir holds the input model": (
+            RM + ["--model", "{tmp}/holder/sft", "--output-dir", "{tmp}/holder"],
+            "would overwrite the input",
+        ),
+        "non-empty folder not ours, even with --overwrite": (
+            RM + ["--output-dir", "{tmp}/notes", "--overwrite"],
+            "was not written by segment_rlhf.py",
+        ),
+        "output path is a file": (RM + ["--output-dir", "{tmp}/a_file"], "is a file"),
+        "rerun over checkpoints without --resume": (RUN_RM, "pass --resume to continue, or"),
+        "resume under other flags": (
+            RUN_RM + ["--resume", "--batch-size", "16"],
+            "--batch-size 16 (was 32); rerun with its flags",
+        ),
+        "both --resume and --overwrite": (RUN_RM + ["--resume", "--overwrite"], "pass one of"),
+        "ppo policy that is a reward model": (
+            PPO + ["--model", "{rm}", "--reward-model", "{rm}"],
+            "is a reward / value model",
+        ),
+        "a second run into a directory in use": (RM + ["--output-dir", "{tmp}/busy"], "in use"),
+    },
+    "traceback": {
+        "model with only a tokenizer": (RM + ["--model", "{tmp}/tokenizer_only"], "has no weights"),
+        "truncated weights": (RM + ["--model", "{tmp}/truncated"], "damaged or truncated"),
+        "malformed model config": (RM + ["--model", "{tmp}/bad_config"], "model config"),
+        "malformed settings file": (
+            PPO + ["--reward-model", "{tmp}/rm_bad_json"],
+            "could not read the reward model settings",
+        ),
+        "settings without their keys": (PPO + ["--reward-model", "{tmp}/rm_no_keys"], "lacks"),
+        "damaged checkpoint": (
+            ["train-rm", "--model", "{sft}", "--epochs", "3", "--resume"]
+            + ["--output-dir", "{tmp}/rm_bad_ckpt"],
+            "checkpoint-3 is damaged",
+        ),
+        "seed out of range": (RM + ["--seed", "-1"], "--seed must be in [0, 2**32)"),
+        "unknown LoRA target": (
+            SMALL_RM + ["--lora-rank", "2", "--lora-targets", "nope_proj"],
+            "--lora-targets nope_proj",
+        ),
+        "unreadable parquet": (RM + ["--dataset", "{tmp}/bad.parquet"], "could not read"),
+        "prompt column of the wrong type": (
+            PPO + ["--reward-model", "{rm}", "--dataset", "{tmp}/int_prompts.jsonl"],
+            "row 0: column 'prompt' must hold a prompt string",
+        ),
+        "html path that cannot be written": (
+            ["segment", "--model", "{sft}", "--html", "{tmp}/notes"],
+            "--html",
+        ),
+        "fit-norm plot into a missing folder": (
+            ["fit-norm", "--reward-model", "{rm}", "--plot", "{tmp}/nowhere/x.png"],
+            "--plot",
+        ),
+    },
+    "silently wrong": {
+        "causal LM with a copied settings file": (
+            PPO + ["--reward-model", "{tmp}/lm_as_rm"],
+            "has no scalar head score.weight",
+        ),
+        "head named value_head": (
+            ["segment", "--reward-model", "{tmp}/value_head", "--response", "fig"],
+            "found value_head.weight: rename it",
+        ),
+        "empty response": (["segment", "--model", "{sft}", "--response", " "], "is empty"),
+        "prompt without response": (["segment", "--model", "{sft}", "--prompt", "hi"], "needs"),
+        "text and response": (
+            ["segment", "--model", "{sft}", "--text", "a", "--response", "b"],
+            "two inputs",
+        ),
+        "token mode on a segment reward model": (
+            PPO + ["--reward-model", "{rm}", "--reward-mode", "token"],
+            "does not fit",
+        ),
+        "turn without a role": (
+            RM + ["--dataset", "{tmp}/no_role.jsonl"],
+            "row 0, column 'chosen': every turn needs a string 'role'",
+        ),
+        "chosen and rejected with different prompts": (
+            RM + ["--dataset", "{tmp}/two_prompts.jsonl"],
+            "row 0: chosen and rejected have different prompts",
+        ),
+        "whitespace-only responses": (
+            RM + ["--dataset", "{tmp}/blank.jsonl"],
+            "skipped: {'empty response': 3}",
+        ),
+        "non-finite normalizer": (PPO + ["--reward-model", "{tmp}/rm_nan_norm"], "non-finite"),
+        "reference model moved away": (
+            PPO + ["--reward-model", "{tmp}/rm_moved_ref"],
+            "/nowhere/sft of reward model",
+        ),
+    },
+}
+HOSTILE_CASES = [(kind, case) for kind in HOSTILE for case in HOSTILE[kind]]
+
+
+@pytest.mark.parametrize("kind,case", HOSTILE_CASES)
+def test_hostile_input_loses_nothing_and_gets_one_line(kind, case, toy, hostile):
+    argv, message = HOSTILE[kind][case]
+    argv = [a.format(sft=toy["sft"], rm=toy["rm"], tmp=hostile) for a in argv]
+    if argv[0] != "segment" and "--output-dir" not in argv:
+        argv += ["--output-dir", str(hostile / "out")]
+    if case.startswith("a second run"):  # a live process (our parent) holds the lock
+        (hostile / "busy.lock").write_text(str(os.getppid()))
+    before = {"toy": tree_hashes(toy["root"]), "tmp": tree_hashes(hostile)}
+    with pytest.raises(SystemExit) as e:
+        S.main(argv)
+    line = str(e.value)
+    assert line.startswith("segment_rlhf: error: ") and "\n" not in line and message in line, line
+    assert "--overwrite" not in line or not case.startswith("resume")  # never advise a worse flag
+    after = {"toy": tree_hashes(toy["root"]), "tmp": tree_hashes(hostile)}
+    changed = [
+        (k, f)
+        for k in after
+        for f in {*after[k], *before[k]}
+        if after[k].get(f, 0) != before[k].get(f, 0)
+    ]
+    assert not changed  # every file as it was, nothing added
+    (hostile / "busy.lock").unlink(missing_ok=True)
+
+
+def test_overwrite_keeps_the_old_run_whole_until_the_new_one_is_complete(
+    toy, tmp_path, monkeypatch
+):
+    out = tmp_path / "sft"
+    S.main(["sft", "--epochs", "1", "--output-dir", str(out)])
+    before = tree_hashes(tmp_path)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(S, "save_model", killed)
+    with pytest.raises(SystemExit) as e:
+        S.main(["sft", "--epochs", "2", "--output-dir", str(out), "--overwrite"])
+    assert e.value.code == 130
+    assert tree_hashes(tmp_path) == before  # old run whole, no half-written new one beside it
+    monkeypatch.undo()
+    S.main(["sft", "--epochs", "2", "--output-dir", str(out), "--overwrite"])
+    assert json.load(open(out / "args.json"))["epochs"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["sft"]  # no .incomplete, .replaced or .lock left
+
+
+def test_fit_norm_writes_only_when_done_keeps_a_backup_and_honours_output_dir(toy, tmp_path, capfd):
+    rm = shutil.copytree(toy["rm"], tmp_path / "rm")
+    before = tree_hashes(rm)
+    out = S.main(["fit-norm", "--reward-model", str(rm), "--norm-samples", "2", "--output-dir",
+                  str(tmp_path / "refit")])  # fmt: skip
+    assert "rests on only 4 responses" in capfd.readouterr().err
+    assert tree_hashes(rm) == before and out["output_dir"] == str(tmp_path / "refit")
+    refit = S.load_rm_settings(str(tmp_path / "refit"))
+    assert refit["normalizer"] == out["normalizer"] and refit["reference_model"] == toy["sft"]
+    S.check_model_dir(str(tmp_path / "refit"), kind="reward")
+    S.main(["fit-norm", "--reward-model", str(rm), "--norm-samples", "50"])
+    assert (
+        open(rm / (S.SETTINGS_FILE + ".bak")).read()
+        == open(toy["rm"] + "/" + S.SETTINGS_FILE).read()
+    )
+    # the reference model is stored relative to the reward model: both can move together
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copytree(toy["sft"], moved / "sft")
+    shutil.copytree(tmp_path / "refit", moved / "refit")
+    settings = json.load(open(moved / "refit" / S.SETTINGS_FILE))
+    settings["reference_model"] = "../sft"
+    json.dump(settings, open(moved / "refit" / S.SETTINGS_FILE, "w"))
+    assert S.load_rm_settings(str(moved / "refit"))["reference_model"] == str(moved / "sft")
+
+
+def test_ctrl_c_gets_one_line_and_leaves_no_directory(toy, tmp_path):
+    out = tmp_path / "rm"
+    argv = [sys.executable, S.__file__, *[a.format(sft=toy["sft"]) for a in RM]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv + ["--output-dir", str(out)], stderr=subprocess.PIPE, env=env)
+    while proc.poll() is None and not (out / "args.json").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1].decode()
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal")
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "segment_rlhf: error: interrupted; resume with --resume"
+    assert "Traceback" not in err and not out.exists() and os.listdir(tmp_path) == []
 
 
 # --- paper presets --------------------------------------------------------------------------------
@@ -1230,7 +1529,7 @@ def test_real_model_smollm2_segments_and_trains_a_lora_reward_model(tmp_path):
             "2.0",
         ]
     )
-    assert "".join(s["text"] for s in out["segments"]) == response and len(out["segments"]) > 2
+    assert "".join(s["text"] for s in out["segments"]) == response and len(out["segments"]) >= 2
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in S.toy_preference_rows(24, seed=5)))
     rm = S.main(
@@ -1264,3 +1563,35 @@ def test_real_model_smollm2_segments_and_trains_a_lora_reward_model(tmp_path):
     AutoModelForSequenceClassification.from_pretrained(rm["output_dir"])  # a plain saved model
     scored = S.segment_rewards(rm["output_dir"], [("Name two fruits.", "Fig and kiwi.")])
     assert scored[0]["segments"] and all(math.isfinite(r) for r in scored[0]["rewards"])
+
+
+def test_a_failed_final_save_keeps_the_last_checkpoint_and_names_it(toy, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in S.toy_preference_rows(300, seed=7)))
+    out = tmp_path / "rm"
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
+    expected = re.escape(f"last checkpoint: {out}/checkpoint-8") + "$"
+    with pytest.raises(SystemExit, match="could not save the model .*" + expected):
+        S.main(
+            [
+                "train-rm",
+                "--model",
+                toy["sft"],
+                "--dataset",
+                str(pairs),
+                "--eval-size",
+                "44",
+                "--epochs",
+                "1",
+                "--save-every",
+                "4",
+                "--output-dir",
+                str(out),
+            ]
+        )
+    assert (out / "checkpoint-8" / "state.json").exists() and not (out / "model.tmp").exists()

@@ -251,6 +251,8 @@ def ppo_step(a, config, device):
             "max_new_tokens": a.new_tokens,
             "max_len": a.prompt_len + a.new_tokens,
             "reward_mode": "segment",
+            "end_penalty": 0.0,  # what resolve() gives phi3-mini's segment run
+            "length_norm": False,
             "value_clip": 0.25,
         }
     )  # what ppo() resolves for a segment RM
@@ -259,13 +261,13 @@ def ppo_step(a, config, device):
         S.PAPER_MODELS[PRESET]["rm"].format("segment")
     )  # c, normalizer, mean / std
     accelerator = S.make_accelerator(args)
-    # As ppo() with --bf16 --lora-rank: frozen bf16 bases, zero critic head, reference = policy
+    # As ppo() with --bf16 --lora-rank: frozen bf16 bases, fresh critic head, reference = policy
     # without adapters.
     policy, critic = (
         build(config, "causal", torch.bfloat16, device),
         build(config, "value", torch.bfloat16, device),
     )
-    torch.nn.init.zeros_(critic.score.weight)
+    S.init_head(critic, args.head_init, critic=True)
     policy, critic = S.trainable(policy, args, "causal"), S.trainable(critic, args, "value")
     rm = build(config, "value", torch.bfloat16, device).eval().requires_grad_(False)
 
