@@ -457,14 +457,12 @@ def train_rm(args):
     ds = rm_pairs(args, tokenizer)
     if not 0 < args.eval_size < len(ds):
         fail(f"--eval-size {args.eval_size} must be between 1 and the {len(ds)} usable pairs - 1")
-    # input checked: from here on, files are written
     prepare_output_dir(args, "train-rm", accelerator, [model_path, args.dataset])
     model, optimizer, scheduler, train_loader, eval_loader, split = rm_setup(
         args, accelerator, model_path, tokenizer, ds
     )
     # Where training stands: optimizer steps, epoch, batches done in it, the epoch's loss so far.
-    state = load_checkpoint(accelerator, args) if args.resume else None
-    state = state or {"step": 0, "epoch": 0, "batch": 0, "loss_sum": 0.0}
+    state = resume_state(accelerator, args, step=0, epoch=0, batch=0, loss_sum=0.0)
     step, per_epoch = state["step"], len(train_loader)
     done_before = state["epoch"] * per_epoch + state["batch"]
     bar = tqdm(total=args.epochs * per_epoch, initial=done_before, desc="train-rm", disable=quiet())
@@ -511,6 +509,11 @@ def train_rm(args):
         "output_dir": args.output_dir,
         "entropy_threshold": args.entropy_threshold,
     }
+
+
+def resume_state(accelerator, args, **start):
+    """The newest checkpoint's state with --resume (when there is one), else `start`."""
+    return (load_checkpoint(accelerator, args) if args.resume else None) or start
 
 
 def rm_setup(args, accelerator, model_path, tokenizer, ds):
@@ -2587,10 +2590,9 @@ def segments_html(views, threshold):
         ends = [f"rgb{segment_rgb({'reward': r}, 0, 1)}" for r in (-1, 1)]
         grad = f"linear-gradient(to right,{ends[0]},#fff,{ends[1]})"
         ticks = "".join(f"<span>{t}</span>" for t in (f"{-scale:+.2f}", "0", f"{scale:+.2f}"))
-        legend = (
-            f"<div>segment reward<div class=grad style='background:{grad}'></div>"
-            f"<div class=ticks>{ticks}</div></div><div>{legend}</div>"
-        )
+        scale_key = f"segment reward<div class=grad style='background:{grad}'></div>"
+        legend = f"{scale_key}<div class=ticks>{ticks}</div></div><div>{legend}"
+    legend = f"<div>{legend}</div>"  # one flex item per key
     columns = f"repeat({min(2, len(views))},minmax(0,1fr))"
     return (
         f"<!doctype html><html lang=en><meta charset=utf-8><title>segments, c = {threshold:g}"

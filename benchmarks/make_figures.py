@@ -8,6 +8,9 @@
 - docs/normalizer.png: mean and std of the segment rewards per position p = k / K with the fitted
   location-aware lines mu(p) and sigma(p) (what `fit-norm --plot` draws).
 - docs/ppo_curve.png: the exact toy score and the reward model's score per PPO iteration.
+- docs/smollm2_segments.html and .png: one of SmolLM2-135M-Instruct's own answers
+  (benchmarks/smollm2_answers.jsonl) cut at c = 3.0, when benchmarks/get_smollm2.py has fetched
+  the model and the gguf package is installed.
 Needs matplotlib (pip install matplotlib).
 """
 
@@ -91,6 +94,45 @@ def learning_curve(metrics, png):
     fig.savefig(png)
 
 
+def smollm2_view(page):
+    """The segment view of SmolLM2's answer to the sky question, as the answers were generated."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import get_smollm2
+
+    gguf = os.path.join(get_smollm2.default_dir(), get_smollm2.NAME)
+    if not os.path.exists(gguf):
+        print("SmolLM2 not fetched (python benchmarks/get_smollm2.py): skipped", file=sys.stderr)
+        return False
+    answer = [
+        json.loads(line)
+        for line in open(os.path.join(DOCS, "..", "benchmarks", "smollm2_answers.jsonl"))
+    ][1]
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    turns = [
+        system,
+        {"role": "user", "content": answer["prompt"]},
+        {"role": "assistant", "content": answer["response"]},
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = os.path.join(tmp, "answer.jsonl")
+        with open(rows, "w") as f:
+            f.write(json.dumps({"chosen": turns}) + "\n")
+        S.main(
+            [
+                "segment",
+                "--model",
+                gguf,
+                "--dataset",
+                rows,
+                "--entropy-threshold",
+                "3.0",
+                "--html",
+                page,
+            ]
+        )
+    return True
+
+
 def main():
     os.makedirs(DOCS, exist_ok=True)
     if not os.path.exists(os.path.join(S.TOY_PPO, "metrics.jsonl")):
@@ -100,6 +142,9 @@ def main():
     screenshot(page, os.path.join(DOCS, "segments.png"))
     normalizer_plot(S.TOY_RM, os.path.join(DOCS, "normalizer.png"))
     learning_curve(os.path.join(S.TOY_PPO, "metrics.jsonl"), os.path.join(DOCS, "ppo_curve.png"))
+    page = os.path.join(DOCS, "smollm2_segments.html")
+    if smollm2_view(page):
+        screenshot(page, os.path.join(DOCS, "smollm2_segments.png"), size="900,520")
     print("wrote", ", ".join(sorted(os.listdir(DOCS))))
 
 
