@@ -16,7 +16,11 @@ Pipeline:  sft (toy only) -> train-rm -> ppo;  `segment` shows a response cut in
     python segment_rlhf.py segment --reward-model runs/toy-rm
     python segment_rlhf.py train-rm --preset phi3-mini --dry-run      # the paper's settings
     python segment_rlhf.py train-rm --preset phi3-mini --lora-rank 64
-    accelerate launch --num_processes 8 segment_rlhf.py ppo --preset phi3-mini
+    accelerate launch --multi_gpu --num_processes 8 segment_rlhf.py ppo --preset phi3-mini
+    python segment_rlhf.py segment --model SmolLM2-135M-Instruct.Q4_1.gguf --entropy-threshold 3
+
+    from segment_rlhf import segment_rewards    # a saved reward model's segments and rewards
+    segment_rewards("runs/toy-rm", [("Name 2 fruits.", "Here are 2 fruits: fig, kiwi.")])
 
 Reading order: configuration, the method (sections 1-5: small pure functions), the training loops,
 the toy task. Everything below the toy task is plumbing: data, models, runs, presets, the CLI.

@@ -1355,7 +1355,14 @@ def test_two_processes_train_like_one_with_the_same_global_batch(toy, tmp_path):
 
     def run(n, out):
         launch = (
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                str(n),
+            ]
             if n > 1
             else [sys.executable]
         )
@@ -1476,12 +1483,21 @@ if accelerator.is_main_process:
 def test_two_processes_whiten_advantages_like_one_and_run_ppo(toy, tmp_path):
     import subprocess
 
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    # --standalone: a free port for the rendezvous, never one a previous launch still holds
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = tmp_path / "whiten.py"
     script.write_text(WHITEN_ON_TWO_PROCESSES)
     repo = os.path.dirname(os.path.abspath(S.__file__))
-    out = subprocess.run(launch + [str(script), repo], check=True, capture_output=True, env=env)
+    out = subprocess.run(launch + [str(script), repo], capture_output=True, env=env)
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
     assert float(out.stdout.decode().split("max difference")[1]) < 1e-6
     argv = [
         "ppo",
@@ -1500,7 +1516,8 @@ def test_two_processes_whiten_advantages_like_one_and_run_ppo(toy, tmp_path):
         "--output-dir",
         str(tmp_path / "ppo"),
     ]
-    subprocess.run(launch + [S.__file__, *argv], check=True, capture_output=True, env=env)
+    run = subprocess.run(launch + [S.__file__, *argv], capture_output=True, env=env)
+    assert run.returncode == 0, run.stderr.decode()[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "ppo" / "metrics.jsonl")]
     assert [r["processes"] for r in rows] == [2, 2]
     assert all(math.isfinite(r["losses/policy"]) and math.isfinite(r["ppo/kl"]) for r in rows)
