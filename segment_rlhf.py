@@ -28,6 +28,7 @@ the toy task. Everything below the toy task is plumbing: data, models, runs, pre
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import html
 import json
@@ -1292,11 +1293,17 @@ def split_conversation(row, key, tokenizer, index=0):
 
 def is_templated(text, tokenizer):
     """Whether a prompt string already ends with the chat template's assistant header."""
+    header = assistant_header(tokenizer)
+    return bool(header) and text.rstrip().endswith(header)
+
+
+@functools.cache  # one tokenizer, one header: not two template renders for every row
+def assistant_header(tokenizer):
+    """What add_generation_prompt appends to a conversation, e.g. '<|assistant|>'."""
     turn = [{"role": "user", "content": "x"}]
     bare = tokenizer.apply_chat_template(turn, tokenize=False)
     ready = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
-    header = ready[len(bare) :].strip()
-    return bool(header) and text.rstrip().endswith(header)
+    return ready[len(bare) :].strip()
 
 
 def implicit_prompt(chosen, rejected):
@@ -2450,7 +2457,8 @@ def segments_of(tokenizer, ids, entropy, ends, values, first):
     segments = []
     for a, b in zip([first] + [s + 1 for s in stops[:-1]], stops):
         span = ids[a : b + 1].tolist()
-        seg = {"text": tokenizer.decode(span), "tokens": [tokenizer.decode([t]) for t in span]}
+        tokens = tokenizer.batch_decode([[t] for t in span])  # one call, not one per token
+        seg = {"text": tokenizer.decode(span), "tokens": tokens}
         seg["token_entropy"] = [round(h, 3) for h in entropy[a : b + 1]]
         seg["entropy"] = round(entropy[b], 3)
         if values is not None:
