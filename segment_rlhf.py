@@ -1853,7 +1853,14 @@ def prepare_output_dir(args, command, accelerator, inputs=()):
     args.final_dir, args.output_dir = final, work
     if args.resume and checkpoints(work):
         check_checkpoint(latest_checkpoint(work))
+    # Every process has judged the directory as it was: only now may the main process change it
+    # (else a process that looks later finds the new args.json and takes the run for a replacement).
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
+        except OSError as e:
+            fail(f"cannot create the folder of --output-dir {final}: {e.strerror}")
         take_lock(final + ".lock")
         fresh = work == staged and not args.resume
         if fresh:
