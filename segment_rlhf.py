@@ -20,17 +20,20 @@ Pipeline:  sft (toy only) -> train-rm -> ppo;  `segment` shows a response cut in
     python segment_rlhf.py segment --model SmolLM2-135M-Instruct.Q4_1.gguf --entropy-threshold 3
 
     from segment_rlhf import segment_rewards    # a saved reward model's segments and rewards
-    segment_rewards("runs/toy-rm", [("Name 2 fruits.", "Here are 2 fruits: fig, kiwi.")])
+    answer = ("Name 6 fruits.", "Fruits: apple, fig, kiwi, lemon, mango, plum.")
+    segment_rewards("runs/toy-rm", [answer])
 
 Reading order: configuration, the method (sections 1-5: small pure functions), the training loops,
 the toy task. Everything below the toy task is plumbing: data, models, runs, presets, the CLI.
 """
 
 import argparse
+import bisect
 import dataclasses
 import functools
 import hashlib
 import html
+import itertools
 import json
 import math
 import os
@@ -106,7 +109,7 @@ class Common:
 @dataclass
 class SFTArgs(Common):
     epochs: int = arg(6, "passes over the SFT data")
-    flawed_fraction: float = arg(0.3, "toy only: share of flawed SFT targets (room for PPO)")
+    flaw_rate: float = arg(0.2, "toy only: per-item flaw rate of the SFT targets")
 
 
 @dataclass
@@ -138,7 +141,7 @@ class PPOArgs(Common):
     ppo_epochs: int = arg(2, "passes over each rollout batch")
     lr: float = arg(3e-5, "actor learning rate")
     critic_lr: float = arg(1e-4, "critic learning rate")
-    beta: float = arg(0.1, "KL coefficient, fixed (paper 0.01; 0.1 keeps toy lists short)")
+    beta: float = arg(0.3, "KL coefficient, fixed (paper 0.01; toy 0.3: README, the toy)")
     gamma: float = arg(1.0, "discount")
     lam: float = arg(0.95, "GAE lambda")
     clip_eps: float = arg(0.2, "policy ratio clip")
@@ -506,14 +509,15 @@ def train_rm(args):
         if accelerator.is_main_process:
             bar.write(json.dumps(metrics))
     save_reward_model(args, accelerator, model, tokenizer, model_path, split["train"], eval_loader)
-    finish_run(args, accelerator)
-    return {
+    result = {
         "eval_accuracy": round(metrics["rm/accuracy"], 4),
         "rm/loss": round(metrics["rm/loss"], 4),
         "segment/per_response": round(metrics["segment/per_response"], 2),
-        "output_dir": args.output_dir,
-        "entropy_threshold": args.entropy_threshold,
     }
+    if not args.dataset and accelerator.is_main_process:  # the toy can check single segments
+        result["segment_accuracy"] = toy_rm_segment_accuracy(args, model_path, tokenizer)
+    finish_run(args, accelerator)
+    return {**result, "output_dir": args.output_dir, "entropy_threshold": args.entropy_threshold}
 
 
 def resume_state(accelerator, args, **start):
@@ -1056,7 +1060,7 @@ def sft_loader(args, tokenizer):
     if args.dataset:
         ds = load_rows(args.dataset)
     else:
-        ds = datasets.Dataset.from_list(toy_sft_rows(3000, args.flawed_fraction, args.seed))
+        ds = datasets.Dataset.from_list(toy_sft_rows(3000, args.flaw_rate, args.seed))
     key = next((k for k in ("completion", "chosen", "messages") if k in ds.column_names), "")
     check_columns(ds, [key or "completion"])
     end_id = end_token_id(tokenizer, args.end_token)
@@ -1084,20 +1088,24 @@ def sft_loader(args, tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------
-# The embedded toy task: "Name 4 fruits." -> "Here are 4 fruits: apple, plum, kiwi, fig."
-# Quality is local to a segment: a flawed answer has one wrong item, a repeat, or the wrong count.
+# The embedded toy task: "Name 7 fruits." -> "Fruits: apple, cherry, fig, kiwi, lemon, mango, plum."
+# Each item is right or wrong on its own and an answer has 6-8 of them: which item made an answer
+# worse is what segment rewards can tell PPO and one reward per answer cannot (README: toy design
+# notes).
 
 TOY_SFT, TOY_RM, TOY_PPO = "runs/toy-sft", "runs/toy-rm", "runs/toy-ppo"
-CATEGORIES = {
-    "fruits": ["apple", "plum", "kiwi", "fig", "pear", "mango", "lemon", "grape"],
-    "colors": ["red", "blue", "green", "black", "white", "pink", "brown", "gray"],
-    "animals": ["cat", "dog", "horse", "mouse", "tiger", "lion", "sheep", "goat"],
-    "tools": ["hammer", "saw", "drill", "wrench", "chisel", "axe", "pliers", "rake"],
-    "metals": ["iron", "gold", "silver", "tin", "lead", "zinc", "copper", "nickel"],
-    "vegetables": ["carrot", "onion", "leek", "pea", "bean", "corn", "kale", "beet"],
+CATEGORIES = {  # six categories of 9-10 items, each one BPE token
+    "fruits": "apple cherry fig grape kiwi lemon mango melon pear plum".split(),
+    "colors": "beige black blue brown cyan gray green pink red white".split(),
+    "animals": "bear cat cow deer dog fox goat horse lion tiger".split(),
+    "tools": "axe chisel clamp drill file hammer pliers rake saw".split(),
+    "metals": "brass bronze copper gold iron lead nickel silver tin".split(),
+    "drinks": "beer cider cocoa coffee juice milk soda tea water wine".split(),
 }
-TOY_COUNTS = (2, 3, 4, 5)
-TOY_FLAWS = ("wrong", "duplicate", "count", "garbled", "stray")  # each decided inside one segment
+TOY_COUNTS = (6, 7, 8)
+TOY_ITEM_FLAWS = {"wrong": 4, "garbled": 1, "repeat": 1}  # kind: weight, per item
+TOY_FLAWS = (*TOY_ITEM_FLAWS, "count")  # and per answer: one item too many or too few
+TOY_PAIR_FLAW_RATES = (0.0, 0.1, 0.2, 0.3)  # per-item flaw rates of preference answers
 TOY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -1105,9 +1113,9 @@ TOY_CHAT_TEMPLATE = (
 
 
 TOY_DEMO = (
-    "Name 4 fruits.",
-    "Here are 4 fruits: apple, fig, kiwi, plum.",
-    "Here are 4 fruits: apple, fig, tiger, plum.",
+    "Name 6 fruits.",
+    "Fruits: apple, cherry, fig, kiwi, mango, plum.",
+    "Fruits: apple, cherry, tiger, kiwi, mango, plum.",
 )  # the `segment` view's default pair
 
 
@@ -1116,61 +1124,125 @@ def toy_prompt(rng):
     return f"Name {n} {category}.", n, category
 
 
-def toy_response(rng, n, category, flaw=None):
-    """A correct answer lists n distinct items of the category in alphabetical order (so a 1M model
-    avoids repeats by looking at the previous item only). A flawed one has a 'wrong' item (another
-    category's), a 'duplicate' item, a 'count' off by one, a 'garbled' item (random letters) or a
-    'stray' piece of the header in an item's place. The last two show the reward model text that
-    is no item at all: PPO finds every kind of text the reward model never saw."""
-    k = n + (rng.choice((-1, 1)) if flaw == "count" else 0)
+def toy_response(rng, n, category, flaw_rate=0.0, flaws=TOY_FLAWS):
+    """A right answer lists n distinct items of the category in alphabetical order (so a small
+    model avoids repeats by looking at the item before). Each item is flawed with probability
+    flaw_rate: 'wrong' (another category's item), 'garbled' (random letters: text that is no item
+    at all, which PPO would otherwise be free to try) or 'repeat' (the item before, again). With
+    probability flaw_rate the answer also has one item too many or too few ('count'). `flaws`:
+    the kinds drawn."""
+    k = n + (rng.choice((-1, 1)) if "count" in flaws and rng.random() < flaw_rate else 0)
     items = sorted(rng.sample(CATEGORIES[category], k))
-    if flaw == "wrong":
-        other = rng.choice([c for c in CATEGORIES if c != category])
-        items[rng.randrange(n)] = rng.choice(CATEGORIES[other])
-    elif flaw == "duplicate":
-        i = rng.randrange(1, n)
-        items[i] = items[i - 1]
-    elif flaw == "garbled":
-        letters = "abcdefghijklmnopqrstuvwxyz"
-        items[rng.randrange(n)] = "".join(rng.choice(letters) for _ in range(rng.randint(2, 7)))
-    elif flaw == "stray":
-        items[rng.randrange(n)] = rng.choice(
-            [f"{n} {category}:", category, str(rng.choice(TOY_COUNTS))]
-        )
-    return f"Here are {n} {category}: {', '.join(items)}."
+    kinds = [f for f in flaws if f in TOY_ITEM_FLAWS]
+    for i in range(k):
+        if not kinds or rng.random() >= flaw_rate:
+            continue
+        flaw = rng.choices(kinds, [TOY_ITEM_FLAWS[f] for f in kinds])[0]
+        if flaw == "repeat" and i > 0:
+            items[i] = items[i - 1]
+        elif flaw == "garbled":
+            items[i] = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(4))
+        else:  # 'wrong', or a 'repeat' drawn for the first item
+            other = rng.choice([c for c in sorted(CATEGORIES) if c != category])
+            items[i] = rng.choice(CATEGORIES[other])
+    return f"{category.capitalize()}: {', '.join(items)}."
+
+
+def toy_item_labels(prompt, response):
+    """One boolean per listed item: True for an item of the asked category that no earlier item
+    repeats; None when the answer is malformed (not 'Category: item, item, ... .')."""
+    ask = re.fullmatch(r"Name (\d+) (\w+)\.", prompt.strip())
+    ans = re.fullmatch(r"(\w+): (\w+(, \w+)*)\.", response.strip())
+    if not ask or not ans or ans.group(1) != ask.group(2).capitalize():
+        return None
+    items, category = ans.group(2).split(", "), CATEGORIES.get(ask.group(2), [])
+    return [item in category and item not in items[:i] for i, item in enumerate(items)]
 
 
 def toy_score(prompt, response):
-    """Exact quality in [0, 1]: distinct in-category items / max(asked, given); 0 if malformed."""
-    ask = re.fullmatch(r"Name (\d+) (\w+)\.", prompt.strip())
-    ans = re.fullmatch(r"Here are (\d+) (\w+): ([\w, ]+)\.", response.strip())
-    if not ask or not ans or ans.group(1, 2) != ask.group(1, 2) or ask.group(2) not in CATEGORIES:
+    """Exact quality in [0, 1]: correct items / max(asked, given); 0 if malformed. Partial credit:
+    each item fixed moves it by 1/n."""
+    labels = toy_item_labels(prompt, response)
+    if not labels:
         return 0.0
-    n, items = int(ask.group(1)), ans.group(3).split(", ")
-    return min(len(set(items) & set(CATEGORIES[ask.group(2)])), n) / max(n, len(items))
+    n = int(prompt.split()[1])
+    return min(sum(labels), n) / max(n, len(labels))
+
+
+def toy_flaws(prompt, response):
+    """Flaws of an answer, max(asked, given) - correct: a wrong item, a repeat, one too many and
+    one too few each count one; inf if malformed."""
+    labels = toy_item_labels(prompt, response)
+    if labels is None:
+        return math.inf
+    return max(int(prompt.split()[1]), len(labels)) - min(sum(labels), int(prompt.split()[1]))
+
+
+def toy_segment_accuracy(tokenizer, ref, rm, rows, threshold, end_id):
+    """Per-segment accuracy of a reward model, read with the checker's item labels: over every
+    (flawed item, correct item) pair of one answer, how often the flawed item's segment gets the
+    lower reward (0.5: blind to which item is wrong). An item's segment is the one that holds its
+    last letter: " kiwi," at c = 1, the token " kiwi" at c = 0. A bandit model (c = inf) has one
+    reward per answer and no per-segment reading."""
+    pairs = [(r["prompt"], r[key]) for r in rows for key in ("chosen", "rejected")]
+    messages = [([{"role": "user", "content": p}], r) for p, r in pairs]
+    below = total = 0
+    cut = cut_segments(tokenizer, ref, rm, messages, threshold, end_id)
+    for (prompt, response), segments in zip(pairs, cut):
+        labels = toy_item_labels(prompt, response)
+        if not labels or all(labels) or not any(labels):
+            continue
+        # characters up to the end of each segment; an item ends before its "," or "."
+        stops = list(itertools.accumulate(len(s["text"]) for s in segments))
+        item_ends = [m.end() for m in re.finditer(r"\w+(?=[,.])", response)]
+        rewards = [segments[bisect.bisect_left(stops, e)]["reward"] for e in item_ends]
+        bad = [r for r, ok in zip(rewards, labels) if not ok]
+        good = [r for r, ok in zip(rewards, labels) if ok]
+        below += sum(b < g for b in bad for g in good)
+        total += len(bad) * len(good)
+    return below / max(total, 1)
+
+
+def toy_rm_segment_accuracy(args, model_path, tokenizer):
+    """train-rm's per-segment report on the toy: toy_segment_accuracy of the saved reward model
+    on fresh pairs, the same for every seed; None for a bandit model, which has no segments."""
+    if math.isinf(args.entropy_threshold):
+        print(
+            "segment_accuracy: none, a bandit reward model gives one reward per answer",
+            file=sys.stderr,
+        )
+        return None
+    ref, rm = load_model(model_path).eval(), load_model(args.output_dir, "value").eval()
+    end_id = end_token_id(tokenizer, args.end_token)
+    rows = toy_preference_rows(args.eval_size, seed=-1)
+    accuracy = toy_segment_accuracy(tokenizer, ref, rm, rows, args.entropy_threshold, end_id)
+    return round(accuracy, 4)
 
 
 def toy_preference_rows(n, seed=0):
-    """Pairs (prompt, chosen, rejected): chosen is correct, rejected is the same answer with one
-    flaw, so the preference is decided inside one segment."""
+    """Pairs (prompt, chosen, rejected): two answers to one prompt, each with its own per-item flaw
+    rate; chosen has fewer flaws (ties dropped). Both may be imperfect, so which items decide the
+    preference is for the reward model to find out, as in real preference data."""
     rng, rows = random.Random(seed), []
-    for _ in range(n):
+    while len(rows) < n:
         prompt, k, category = toy_prompt(rng)
-        flaw, state = rng.choice(TOY_FLAWS), rng.getstate()
-        chosen = toy_response(rng, k, category)
-        rng.setstate(state)  # same items, then the flaw
-        rejected = toy_response(rng, k, category, flaw)
-        if rejected != chosen:
+        a, b = (toy_response(rng, k, category, rng.choice(TOY_PAIR_FLAW_RATES)) for _ in "ab")
+        fa, fb = toy_flaws(prompt, a), toy_flaws(prompt, b)
+        if fa != fb:
+            chosen, rejected = (a, b) if fa < fb else (b, a)
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows
 
 
-def toy_sft_rows(n, flawed_fraction, seed=0):
+def toy_sft_rows(n, flaw_rate, seed=0):
+    """SFT targets, each item wrong or garbled with probability flaw_rate, never a repeat or a
+    wrong count: the SFT model makes mistakes at about that rate, which leaves PPO work to do, and
+    rarely tries what its reward model judges worst (README: toy design notes)."""
     rng, rows = random.Random(seed + 1), []
     for _ in range(n):
         prompt, k, category = toy_prompt(rng)
-        flaw = rng.choice(TOY_FLAWS) if rng.random() < flawed_fraction else None
-        rows.append({"prompt": prompt, "completion": toy_response(rng, k, category, flaw)})
+        completion = toy_response(rng, k, category, flaw_rate, ("wrong", "garbled"))
+        rows.append({"prompt": prompt, "completion": completion})
     return rows
 
 
@@ -1533,9 +1605,9 @@ def prompt_splits(args, tokenizer):
     """Toy prompts or a dataset's, chat-formatted; the last --eval-prompts rows are held out."""
     if args.dataset:
         ds = load_rows(args.dataset)
-    else:
-        n = 20 * args.batch_size + args.eval_prompts
-        ds = datasets.Dataset.from_list(toy_prompt_rows(n, args.seed))
+    else:  # toy: training prompts follow --seed; the held-out ones are the same for every seed
+        rows = toy_prompt_rows(20 * args.batch_size, args.seed)
+        ds = datasets.Dataset.from_list(rows + toy_prompt_rows(args.eval_prompts, seed=-1))
     ds = prompt_rows(ds, tokenizer, args.max_prompt_len)
     if len(ds) <= args.eval_prompts + args.batch_size:
         fail(
@@ -2400,7 +2472,8 @@ def segment_rewards(reward_model, conversations, model="", batch_size=16):
     """Segments and segment rewards of responses under a saved reward model, e.g.
 
         from segment_rlhf import segment_rewards
-        out = segment_rewards("runs/toy-rm", [("Name 2 fruits.", "Here are 2 fruits: fig, kiwi.")])
+        answer = ("Name 6 fruits.", "Fruits: apple, fig, kiwi, lemon, mango, plum.")
+        out = segment_rewards("runs/toy-rm", [answer])
         out[0]["segments"], out[0]["rewards"], out[0]["score"]
 
     conversations: (prompt, response) pairs or message lists ending with the assistant's turn.
@@ -2734,7 +2807,7 @@ RANGES = {  # flag: (test, what it must be)
     "lora_rank": (lambda v: v >= 0, ">= 0"),
     "eval_size": (lambda v: v >= 1, ">= 1"),
     "norm_samples": (lambda v: v >= 0, ">= 0"),
-    "flawed_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "flaw_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "steps": (lambda v: v >= 1, ">= 1"),
     "episodes": (lambda v: v >= 0, ">= 0"),
     "mini_batch_size": (lambda v: v >= 1, ">= 1"),

@@ -248,35 +248,87 @@ def test_scalar_heads_start_with_the_authors_small_init():
 
 
 def test_toy_score_checks_each_flaw():
-    assert S.toy_score("Name 3 colors.", "Here are 3 colors: red, blue, pink.") == 1.0
-    assert S.toy_score("Name 3 colors.", "Here are 3 colors: red, blue, goat.") == pytest.approx(
-        2 / 3
-    )
-    assert S.toy_score("Name 3 colors.", "Here are 3 colors: red, red, pink.") == pytest.approx(
-        2 / 3
-    )
-    assert S.toy_score("Name 3 colors.", "Here are 3 colors: red, blue, pink, gray.") == 0.75
-    assert S.toy_score("Name 3 colors.", "Here are 3 fruits: fig, plum, kiwi.") == 0.0
-    assert S.toy_score("Name 3 colors.", "red, blue, pink") == 0.0
+    ask = "Name 3 colors."
+    cases = {  # answer: (item labels, exact score)
+        "Colors: blue, pink, red.": ([True, True, True], 1.0),
+        "Colors: blue, goat, red.": ([True, False, True], 2 / 3),  # wrong category
+        "Colors: blue, blue, red.": ([True, False, True], 2 / 3),  # repeat
+        "Colors: blue, xqzv, red.": ([True, False, True], 2 / 3),  # garbled
+        "Colors: blue, gray, pink, red.": ([True] * 4, 3 / 4),  # one too many
+        "Colors: blue, red.": ([True, True], 2 / 3),  # one too few
+        "Colors: goat, goat, goat, goat.": ([False] * 4, 0.0),
+        "Fruits: blue, pink, red.": (None, 0.0),  # header of another category
+        "blue, pink, red.": (None, 0.0),
+        "Colors: blue, , red.": (None, 0.0),
+    }
+    for answer, (labels, score) in cases.items():
+        assert S.toy_item_labels(ask, answer) == labels, answer
+        assert S.toy_score(ask, answer) == pytest.approx(score), answer
+    assert [S.toy_flaws(ask, a) for a in list(cases)[:6]] == [0, 1, 1, 1, 1, 1]
+    assert S.toy_flaws(ask, "Colors: goat, goat, goat, goat.") == 4
+    assert S.toy_flaws(ask, "blue, pink, red.") == math.inf
 
 
-def test_toy_pairs_are_deterministic_minimal_edits():
-    rows = S.toy_preference_rows(50, seed=3)
-    assert rows == S.toy_preference_rows(50, seed=3)
-    for r in rows:
-        assert (
-            S.toy_score(r["prompt"], r["chosen"]) == 1.0 > S.toy_score(r["prompt"], r["rejected"])
-        )
-        items = r["chosen"].split(": ")[1].rstrip(".").split(", ")
-        assert items == sorted(items)  # alphabetical: a repeat can only sit next to its twin
-    for i in range(20):  # a duplicate repeats its left neighbour
-        items = (
-            S.toy_response(random.Random(i), 4, "fruits", "duplicate")
-            .split(": ")[1]
-            .rstrip(".")
-            .split(", ")
-        )
-        assert len(set(items)) == 3 and items == sorted(items)
+def test_toy_answers_draw_each_flaw_kind():
+    rng = random.Random(0)
+    for _ in range(20):
+        n = rng.choice(S.TOY_COUNTS)
+        clean = S.toy_response(rng, n, "fruits")
+        items = clean[len("Fruits: ") : -1].split(", ")
+        assert S.toy_score(f"Name {n} fruits.", clean) == 1 and items == sorted(items)
+        ask = f"Name {n} tools."
+        wrong = S.toy_response(rng, n, "tools", 1.0, ("wrong",))
+        assert S.toy_item_labels(ask, wrong) == [False] * n
+        garbled = S.toy_response(rng, n, "tools", 1.0, ("garbled",))[len("Tools: ") : -1]
+        assert all(len(g) == 4 and g not in S.CATEGORIES["tools"] for g in garbled.split(", "))
+        repeat = S.toy_response(rng, n, "tools", 1.0, ("repeat",))  # the first item: wrong
+        assert len(set(repeat[:-1].split(", ")[1:])) == 1 and S.toy_score(ask, repeat) == 0
+        count = S.toy_response(rng, n, "tools", 1.0, ("count",))
+        assert all(S.toy_item_labels(ask, count)) and abs(count.count(",") + 1 - n) == 1
+
+
+def test_toy_pairs_prefer_fewer_flaws_and_both_may_be_imperfect():
+    rows = S.toy_preference_rows(300, seed=3)
+    assert rows == S.toy_preference_rows(300, seed=3)
+    flaws = [
+        (S.toy_flaws(r["prompt"], r["chosen"]), S.toy_flaws(r["prompt"], r["rejected"]))
+        for r in rows
+    ]
+    assert all(c < r for c, r in flaws)
+    assert 0.15 < sum(c > 0 for c, _ in flaws) / len(rows) < 0.6  # often both are imperfect
+    sft = S.toy_sft_rows(300, 0.2)
+    labels = [S.toy_item_labels(r["prompt"], r["completion"]) for r in sft]
+    assert all(len(x) == int(r["prompt"].split()[1]) for x, r in zip(labels, sft))  # no count flaw
+    assert 0.1 < 1 - sum(map(sum, labels)) / sum(map(len, labels)) < 0.3  # ~20% items flawed
+
+
+def test_toy_segment_accuracy_on_hand_built_segments(monkeypatch):
+    rows = [
+        {  # the chosen answer has no flawed item: nothing to compare in it
+            "prompt": "Name 3 colors.",
+            "chosen": "Colors: blue, pink, red.",
+            "rejected": "Colors: blue, goat, red.",
+        }
+    ]
+    cuts = {  # how each answer is cut, and the segment rewards
+        "Colors: blue, pink, red.": [("Colors:", 0.0), (" blue, pink,", 1.0), (" red.", 2.0)],
+        # rewards: blue 1.0, goat 0.5, red -0.2; goat is below blue, not below red: 1 of 2
+        "Colors: blue, goat, red.": [
+            ("Colors:", 9.0),
+            (" blue,", 1.0),
+            (" go", 7.0),
+            ("at,", 0.5),
+            (" red.", -0.2),
+        ],
+    }
+
+    def cut_segments(tokenizer, ref, rm, pairs, threshold, end_id):
+        return [[{"text": t, "reward": r} for t, r in cuts[resp]] for _, resp in pairs]
+
+    monkeypatch.setattr(S, "cut_segments", cut_segments)
+    assert S.toy_segment_accuracy(None, None, None, rows, 1.0, 0) == 0.5
+    cuts["Colors: blue, goat, red."][4] = (" red.", 3.0)
+    assert S.toy_segment_accuracy(None, None, None, rows, 1.0, 0) == 1.0
 
 
 # --- toy runs: sft -> train-rm -> segment / fit-norm / ppo ----------------------------------------
@@ -305,9 +357,8 @@ def test_toy_segment_rm_learns(toy):
     assert result["eval_accuracy"] >= 0.8  # chance is 0.5
     rows = [json.loads(line) for line in open(os.path.join(toy["rm"], "metrics.jsonl"))]
     assert rows[-1]["rm/chosen_score"] > rows[-1]["rm/rejected_score"]
-    assert (
-        3 < rows[-1]["segment/per_response"] < 7
-    )  # header + one segment per item, not one per token
+    assert 6 < rows[-1]["segment/per_response"] < 10  # header + one per item, not one per token
+    assert result["segment_accuracy"] > 0.7  # a flawed item's segment is ranked below (chance 0.5)
     saved = json.load(open(os.path.join(toy["rm"], S.SETTINGS_FILE)))
     assert saved["entropy_threshold"] == 1.0 and len(saved["normalizer"]) == 4 and saved["std"] > 0
 
@@ -336,47 +387,34 @@ def test_toy_segmentation_cuts_at_list_separators(toy, capsys):
             "--prompt",
             "Name 3 colors.",
             "--response",
-            "Here are 3 colors: black, green, pink.",
+            "Colors: black, green, pink.",
             "--html",
             str(toy["root"] / "seg.html"),
         ]
     )
-    assert [s["text"] for s in out["segments"]] == [
-        "Here are 3 colors:",
-        " black,",
-        " green,",
-        " pink.",
-    ]
+    assert [s["text"] for s in out["segments"]] == ["Colors:", " black,", " green,", " pink."]
     assert "black" in open(toy["root"] / "seg.html").read()
 
 
 def test_segment_rewards_single_out_the_flawed_item(toy):
     def rewards(items):
-        out = S.main(
-            [
-                "segment",
-                "--reward-model",
-                toy["rm"],
-                "--prompt",
-                "Name 4 fruits.",
-                "--response",
-                f"Here are 4 fruits: {items}.",
-            ]
-        )
-        return [s["reward"] for s in out["segments"]]  # header, then one segment per item
+        out = S.segment_rewards(toy["rm"], [("Name 6 fruits.", f"Fruits: {items}.")])[0]
+        return out["segments"], out["rewards"]
 
-    wrong = rewards("apple, tiger, kiwi, plum")
-    assert (
-        wrong[2] < 0 < min(wrong[0], wrong[1])
-    )  # " tiger," is negative, what precedes it positive
-    repeat = rewards("apple, fig, fig, plum")
-    assert repeat[3] < 0 < min(repeat[:3])  # the second " fig," is negative, the first one is not
+    segments, clean = rewards("apple, fig, kiwi, lemon, mango, plum")
+    assert len(segments) == 7  # the header, then one segment per item
+    segments, wrong = rewards("apple, fig, tiger, lemon, mango, plum")
+    assert segments[3] == " tiger,"
+    assert wrong[:3] == clean[:3]  # the reward model is causal: what precedes is untouched
+    assert wrong[3] < clean[3] - 1  # " tiger," is judged well below " kiwi," in its place
+    segments, garbled = rewards("apple, fig, xqzv, lemon, mango, plum")  # cut into pieces
+    assert garbled[[s.endswith("v,") for s in segments].index(True)] < clean[3] - 1
 
 
 PAIR = {
-    "prompt": "Name 2 fruits.",
-    "chosen": "Here are 2 fruits: fig, kiwi.",
-    "rejected": "Here are 2 fruits: fig, cat.",
+    "prompt": "Name 6 fruits.",
+    "chosen": "Fruits: apple, fig, kiwi, lemon, mango, plum.",
+    "rejected": "Fruits: apple, fig, cat, lemon, mango, plum.",
 }
 
 
@@ -438,8 +476,9 @@ def test_every_trl_preference_layout_gives_the_same_pairs(toy, tmp_path, ext):
     implicit = {k: PAIR["prompt"] + " " + PAIR[k] for k in ("chosen", "rejected")}
     ds = S.load_rows(write_rows(tmp_path / f"implicit.{ext}", [implicit]))
     pair = S.prepare_pairs(ds, tok, S.RMArgs(), S.end_token_id(tok))[0]
-    assert tok.decode(pair["prompt_ids"]) == "Name 2 fruits. Here are 2 fruits: fig,"
-    assert pair["rejected_ids"] == tok(" cat.")["input_ids"] + [tok.eos_token_id]
+    assert tok.decode(pair["prompt_ids"]) == "Name 6 fruits. Fruits: apple, fig,"
+    rejected = tok(" cat, lemon, mango, plum.")["input_ids"] + [tok.eos_token_id]
+    assert pair["rejected_ids"] == rejected
 
 
 def test_sft_reads_trl_prompt_completion_layouts(toy, tmp_path):
@@ -460,12 +499,18 @@ def test_sft_reads_trl_prompt_completion_layouts(toy, tmp_path):
 def test_segment_rewards_from_a_saved_folder_in_three_lines(toy, tmp_path):
     rows = [(PAIR["prompt"], PAIR["chosen"]), user(PAIR["prompt"]) + assistant(PAIR["rejected"])]
     out = S.segment_rewards(toy["rm"], rows)
-    assert [o["segments"] for o in out] == [
-        ["Here are 2 fruits:", " fig,", " kiwi."],
-        ["Here are 2 fruits:", " fig,", " cat."],
+    assert out[0]["segments"] == [
+        "Fruits:",
+        " apple,",
+        " fig,",
+        " kiwi,",
+        " lemon,",
+        " mango,",
+        " plum.",
     ]
-    assert out[0]["score"] == pytest.approx(sum(out[0]["rewards"]) / 3, abs=1e-6)
-    assert out[0]["score"] > out[1]["score"] and out[1]["rewards"][2] < 0 < out[1]["rewards"][1]
+    assert out[1]["segments"][3] == " cat," and len(out[1]["segments"]) == 7
+    assert out[0]["score"] == pytest.approx(sum(out[0]["rewards"]) / 7, abs=1e-6)
+    assert out[0]["score"] > out[1]["score"] and out[1]["rewards"][3] < out[0]["rewards"][3]
     view = S.main(
         [
             "segment",
@@ -1137,7 +1182,7 @@ def test_overwrite_keeps_the_old_run_whole_until_the_new_one_is_complete(
     out = tmp_path / "sft"
     data = tmp_path / "data"  # 64 toy SFT rows, so that the three runs below take seconds
     data.mkdir()
-    rows = S.toy_sft_rows(64, flawed_fraction=0.3)
+    rows = S.toy_sft_rows(64, 0.2)
     (data / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     small = ["--dataset", str(data / "sft.jsonl"), "--output-dir", str(out)]
     S.main(["sft", "--epochs", "1", *small])
