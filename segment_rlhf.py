@@ -514,8 +514,7 @@ def train_rm(args):
         "rm/loss": round(metrics["rm/loss"], 4),
         "segment/per_response": round(metrics["segment/per_response"], 2),
     }
-    if not args.dataset and accelerator.is_main_process:  # the toy can check single segments
-        result["segment_accuracy"] = toy_rm_segment_accuracy(args, model_path, tokenizer)
+    result.update(toy_rm_report(args, accelerator, model_path, tokenizer))  # the toy only
     finish_run(args, accelerator)
     return {**result, "output_dir": args.output_dir, "entropy_threshold": args.entropy_threshold}
 
@@ -1172,10 +1171,10 @@ def toy_score(prompt, response):
 def toy_flaws(prompt, response):
     """Flaws of an answer, max(asked, given) - correct: a wrong item, a repeat, one too many and
     one too few each count one; inf if malformed."""
-    labels = toy_item_labels(prompt, response)
+    labels, n = toy_item_labels(prompt, response), int(prompt.split()[1])
     if labels is None:
         return math.inf
-    return max(int(prompt.split()[1]), len(labels)) - min(sum(labels), int(prompt.split()[1]))
+    return max(n, len(labels)) - min(sum(labels), n)
 
 
 def toy_segment_accuracy(tokenizer, ref, rm, rows, threshold, end_id):
@@ -1203,20 +1202,21 @@ def toy_segment_accuracy(tokenizer, ref, rm, rows, threshold, end_id):
     return below / max(total, 1)
 
 
-def toy_rm_segment_accuracy(args, model_path, tokenizer):
-    """train-rm's per-segment report on the toy: toy_segment_accuracy of the saved reward model
-    on fresh pairs, the same for every seed; None for a bandit model, which has no segments."""
+def toy_rm_report(args, accelerator, model_path, tokenizer):
+    """train-rm's per-segment report on the toy: {"segment_accuracy": toy_segment_accuracy of the
+    saved reward model, read back merged and on the CPU, on fresh pairs that are the same for every
+    seed}; None for a bandit model, which has no segments; {} off the toy and on other processes."""
+    if args.dataset or not accelerator.is_main_process:
+        return {}
     if math.isinf(args.entropy_threshold):
-        print(
-            "segment_accuracy: none, a bandit reward model gives one reward per answer",
-            file=sys.stderr,
-        )
-        return None
+        msg = "segment_accuracy: none, a bandit reward model gives one reward per answer"
+        print(msg, file=sys.stderr)
+        return {"segment_accuracy": None}
     ref, rm = load_model(model_path).eval(), load_model(args.output_dir, "value").eval()
     end_id = end_token_id(tokenizer, args.end_token)
     rows = toy_preference_rows(args.eval_size, seed=-1)
     accuracy = toy_segment_accuracy(tokenizer, ref, rm, rows, args.entropy_threshold, end_id)
-    return round(accuracy, 4)
+    return {"segment_accuracy": round(accuracy, 4)}
 
 
 def toy_preference_rows(n, seed=0):

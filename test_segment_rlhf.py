@@ -1358,25 +1358,8 @@ def test_lora_reward_model_and_ppo(toy):
     AutoModelForSequenceClassification.from_pretrained(
         rm["output_dir"]
     )  # adapters merged into plain weights
-    out = S.main(
-        [
-            "ppo",
-            "--reward-model",
-            rm["output_dir"],
-            "--lora-rank",
-            "8",
-            "--steps",
-            "2",
-            "--batch-size",
-            "16",
-            "--mini-batch-size",
-            "8",
-            "--eval-prompts",
-            "16",
-            "--output-dir",
-            str(root / "ppo-lora"),
-        ]
-    )
+    lora = ["--lora-rank", "8", "--output-dir", str(root / "ppo-lora")]
+    out = S.main([*PPO, "--reward-model", rm["output_dir"], *lora])
     rows = [json.loads(line) for line in open(root / "ppo-lora" / "metrics.jsonl")]
     assert (
         abs(rows[0]["ppo/kl"]) < 1e-4
