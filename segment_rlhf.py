@@ -661,9 +661,9 @@ def fit_norm(args):
     elif accelerator.is_main_process:  # no two runs at once on one reward model either
         args.final_dir = args.output_dir
         take_lock(args.output_dir + ".lock")
+    ds = ds.select(range(min(args.norm_samples or len(ds), len(ds))))  # entropies of just these
     if not math.isinf(threshold):
         ds = add_entropies(ds, args, accelerator, ref_path, tokenizer)
-    ds = ds.select(range(min(args.norm_samples or len(ds), len(ds))))
     collate = pair_collate(tokenizer.pad_token_id, math.isinf(threshold))
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, collate_fn=collate)
     loader = accelerator.prepare(loader)

@@ -1202,12 +1202,21 @@ def test_overwrite_keeps_the_old_run_whole_until_the_new_one_is_complete(
     assert sorted(os.listdir(tmp_path)) == ["data", "sft"]  # no .incomplete, .replaced or .lock
 
 
-def test_fit_norm_writes_only_when_done_keeps_a_backup_and_honours_output_dir(toy, tmp_path, capfd):
+def test_fit_norm_writes_only_when_done_keeps_a_backup_and_honours_output_dir(
+    toy, tmp_path, capfd, monkeypatch
+):
     rm = shutil.copytree(toy["rm"], tmp_path / "rm")
     before = tree_hashes(rm)
+    seen, entropies = [], S.add_entropies_batch  # reference forwards: for the 2 pairs, not 2,200
+    monkeypatch.setattr(
+        S, "add_entropies_batch", lambda rows, *a: seen.append(rows) or entropies(rows, *a)
+    )
+    monkeypatch.setenv("SEGMENT_RLHF_CACHE", str(tmp_path / "cache"))
     out = S.main(["fit-norm", "--reward-model", str(rm), "--norm-samples", "2", "--output-dir",
                   str(tmp_path / "refit")])  # fmt: skip
     assert "rests on only 4 responses" in capfd.readouterr().err
+    assert [len(rows["prompt_ids"]) for rows in seen] == [2]
+    monkeypatch.undo()
     assert tree_hashes(rm) == before and out["output_dir"] == str(tmp_path / "refit")
     refit = S.load_rm_settings(str(tmp_path / "refit"))
     assert refit["normalizer"] == out["normalizer"] and refit["reference_model"] == toy["sft"]
