@@ -1342,15 +1342,21 @@ def test_long_pairs_are_truncated_to_end_on_the_end_token_or_skipped(toy):
 # --- LoRA (peft): adapters on the trained models, the reference is the policy with adapters off ---
 
 
-def test_lora_reward_model_and_ppo(toy):
+def test_lora_reward_model_and_ppo(toy, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     root = toy["root"]
+    pairs = tmp_path / "pairs.jsonl"  # 640 training pairs: enough for LoRA, a third of the toy's
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in S.toy_preference_rows(768, seed=3)))
     rm = S.main(
         [
             "train-rm",
             "--model",
             toy["sft"],
+            "--dataset",
+            str(pairs),
+            "--eval-size",
+            "128",
             "--lora-rank",
             "16",
             "--lora-alpha",
@@ -1363,7 +1369,7 @@ def test_lora_reward_model_and_ppo(toy):
             str(root / "rm-lora"),
         ]
     )
-    assert rm["eval_accuracy"] > 0.7  # chance is 0.5
+    assert rm["eval_accuracy"] > 0.7  # chance is 0.5; seen 0.75-0.81 on three data seeds
     AutoModelForSequenceClassification.from_pretrained(
         rm["output_dir"]
     )  # adapters merged into plain weights
@@ -1391,35 +1397,15 @@ def test_two_processes_train_like_one_with_the_same_global_batch(toy, tmp_path):
     )
 
     def run(n, out):
-        launch = (
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node",
-                str(n),
-            ]
-            if n > 1
-            else [sys.executable]
-        )
-        cmd = launch + [
-            S.__file__,
-            "train-rm",
-            "--model",
-            toy["sft"],
-            "--dataset",
-            str(tmp_path / "pairs.jsonl"),
-            "--eval-size",
-            "64",
-            "--epochs",
-            "2",
-            "--output-dir",
-            str(out),
-        ]
-        subprocess.run(
-            cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
-        )
+        argv = ["train-rm", "--model", toy["sft"], "--dataset", str(tmp_path / "pairs.jsonl"),
+                "--eval-size", "64", "--epochs", "2", "--output-dir", str(out)]  # fmt: skip
+        if n == 1:  # in this process: no second start-up
+            S.main(argv)
+        else:
+            launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                      "--nproc_per_node", str(n)]  # fmt: skip
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            subprocess.run(launch + [S.__file__, *argv], check=True, capture_output=True, env=env)
         return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
     one, two = run(1, tmp_path / "ddp1"), run(2, tmp_path / "ddp2")
@@ -1514,6 +1500,7 @@ half = S.whiten(x[mine], mask[mine], lambda t: accelerator.reduce(t, "sum"))
 every = accelerator.gather(half)
 if accelerator.is_main_process:
     print("max difference", (every - S.whiten(x, mask)).abs().max().item())
+S.main(sys.argv[2:])  # then a short PPO run on the same two processes: one launch, not two
 """
 
 
@@ -1533,9 +1520,6 @@ def test_two_processes_whiten_advantages_like_one_and_run_ppo(toy, tmp_path):
     script = tmp_path / "whiten.py"
     script.write_text(WHITEN_ON_TWO_PROCESSES)
     repo = os.path.dirname(os.path.abspath(S.__file__))
-    out = subprocess.run(launch + [str(script), repo], capture_output=True, env=env)
-    assert out.returncode == 0, out.stderr.decode()[-3000:]
-    assert float(out.stdout.decode().split("max difference")[1]) < 1e-6
     argv = [
         "ppo",
         "--reward-model",
@@ -1553,8 +1537,9 @@ def test_two_processes_whiten_advantages_like_one_and_run_ppo(toy, tmp_path):
         "--output-dir",
         str(tmp_path / "ppo"),
     ]
-    run = subprocess.run(launch + [S.__file__, *argv], capture_output=True, env=env)
+    run = subprocess.run(launch + [str(script), repo, *argv], capture_output=True, env=env)
     assert run.returncode == 0, run.stderr.decode()[-3000:]
+    assert float(run.stdout.decode().split("max difference")[1].split()[0]) < 1e-6
     rows = [json.loads(line) for line in open(tmp_path / "ppo" / "metrics.jsonl")]
     assert [r["processes"] for r in rows] == [2, 2]
     assert all(math.isfinite(r["losses/policy"]) and math.isfinite(r["ppo/kl"]) for r in rows)
@@ -1600,7 +1585,7 @@ def test_real_model_smollm2_segments_and_trains_a_lora_reward_model(tmp_path):
     )
     assert "".join(s["text"] for s in out["segments"]) == response and len(out["segments"]) >= 2
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in S.toy_preference_rows(24, seed=5)))
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in S.toy_preference_rows(12, seed=5)))
     rm = S.main(
         [
             "train-rm",
@@ -1615,9 +1600,9 @@ def test_real_model_smollm2_segments_and_trains_a_lora_reward_model(tmp_path):
             "--epochs",
             "1",
             "--batch-size",
-            "8",
+            "4",
             "--eval-size",
-            "8",
+            "4",
             "--max-len",
             "96",
             "--max-prompt-len",
