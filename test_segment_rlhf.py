@@ -766,7 +766,7 @@ def bad_files(toy, tmp_path_factory):
         "pairs": [pair] * 5,
     }
     for name, rows in files.items():
-        (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_rows(tmp / f"{name}.jsonl", rows)
     (tmp / "bad.jsonl").write_text("not json\n")
     no_norm = shutil.copytree(toy["rm"], tmp / "rm-no-norm")
     settings = json.load(open(no_norm / S.SETTINGS_FILE))
@@ -831,9 +831,7 @@ def crash_at_checkpoint(monkeypatch, n):
 def test_resumed_run_equals_uninterrupted_run(command, toy, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    (tmp_path / "pairs.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in S.toy_preference_rows(300, seed=7))
-    )
+    write_rows(tmp_path / "pairs.jsonl", S.toy_preference_rows(300, seed=7))
     argv = {
         "train-rm": [
             "train-rm",
@@ -893,9 +891,7 @@ def test_non_finite_loss_stops_the_run_naming_step_and_checkpoint(toy, tmp_path,
         return segment_scores(values, ends) * (float("nan") if len(calls) == 5 else 1.0)
 
     monkeypatch.setattr(S, "segment_scores", nan_at_call_5)
-    (tmp_path / "pairs.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in S.toy_preference_rows(300, seed=7))
-    )
+    write_rows(tmp_path / "pairs.jsonl", S.toy_preference_rows(300, seed=7))
     out = tmp_path / "rm"
     with pytest.raises(
         SystemExit,
@@ -981,7 +977,7 @@ def hostile(toy, tmp_path_factory):
         "int_prompts": [{"prompt": 3}] * 40,
     }
     for name, rows in files.items():
-        (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_rows(tmp / f"{name}.jsonl", rows)
     (tmp / "bad.parquet").write_bytes(b"PAR1 not really")
     (tmp / "a_file").write_text("x")
     (tmp / "notes").mkdir()
@@ -1183,7 +1179,7 @@ def test_overwrite_keeps_the_old_run_whole_until_the_new_one_is_complete(
     data = tmp_path / "data"  # 64 toy SFT rows, so that the three runs below take seconds
     data.mkdir()
     rows = S.toy_sft_rows(64, 0.2)
-    (data / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_rows(data / "sft.jsonl", rows)
     small = ["--dataset", str(data / "sft.jsonl"), "--output-dir", str(out)]
     S.main(["sft", "--epochs", "1", *small])
     before = tree_hashes(tmp_path)
@@ -1347,7 +1343,7 @@ def test_lora_reward_model_and_ppo(toy, tmp_path):
 
     root = toy["root"]
     pairs = tmp_path / "pairs.jsonl"  # 640 training pairs: enough for LoRA, a third of the toy's
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in S.toy_preference_rows(768, seed=3)))
+    write_rows(pairs, S.toy_preference_rows(768, seed=3))
     rm = S.main(
         [
             "train-rm",
@@ -1392,9 +1388,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(toy, tmp_path):
     # 256 training pairs (8 global batches of 32) and 64 held out: no process ever gets a short
     # batch, which accelerate would complete with repeated samples, so 2 x 16 pairs must give the
     # gradient of 32.
-    (tmp_path / "pairs.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in S.toy_preference_rows(320, seed=3))
-    )
+    write_rows(tmp_path / "pairs.jsonl", S.toy_preference_rows(320, seed=3))
 
     def run(n, out):
         argv = ["train-rm", "--model", toy["sft"], "--dataset", str(tmp_path / "pairs.jsonl"),
@@ -1585,7 +1579,7 @@ def test_real_model_smollm2_segments_and_trains_a_lora_reward_model(tmp_path):
     )
     assert "".join(s["text"] for s in out["segments"]) == response and len(out["segments"]) >= 2
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in S.toy_preference_rows(12, seed=5)))
+    write_rows(pairs, S.toy_preference_rows(12, seed=5))
     rm = S.main(
         [
             "train-rm",
@@ -1626,7 +1620,7 @@ def test_a_failed_final_save_keeps_the_last_checkpoint_and_names_it(toy, tmp_pat
         raise OSError(28, "No space left on device")
 
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in S.toy_preference_rows(300, seed=7)))
+    write_rows(pairs, S.toy_preference_rows(300, seed=7))
     out = tmp_path / "rm"
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
     expected = re.escape(f"last checkpoint: {out}/checkpoint-8") + "$"
