@@ -27,20 +27,19 @@ Reading order: configuration, the method (sections 1-5: small pure functions), t
 the toy task. Everything below the toy task is plumbing: data, models, runs, presets, the CLI.
 """
 
-import argparse
 import bisect
+import contextlib
 import dataclasses
 import functools
 import hashlib
-import html
 import itertools
 import json
 import math
 import os
-import pickle
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 import types
@@ -51,7 +50,9 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
-from safetensors import SafetensorError, safe_open
+from filelock import FileLock, Timeout
+from huggingface_hub import try_to_load_from_cache
+from safetensors import SafetensorError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import (
@@ -59,14 +60,18 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    HfArgumentParser,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
     get_scheduler,
 )
+from transformers.utils import logging as transformers_logging
+from trl.data_utils import maybe_extract_prompt
 
 # ----------------------------------------------------------------------------------------------
-# Configuration: one dataclass per subcommand, each field a flag; the defaults are the toy run.
+# Configuration: one dataclass per subcommand, each field a flag (transformers' HfArgumentParser);
+# the defaults are the toy run. Unset means None.
 
 
 def arg(default, help, **extra):
@@ -76,7 +81,7 @@ def arg(default, help, **extra):
 
 @dataclass
 class Common:
-    model: str = arg("", "SFT / reference model: hub id or directory (default: toy SFT model)")
+    model: str = arg("", "SFT / reference model: hub id, directory or .gguf (default: toy SFT)")
     dataset: str = arg("", "hub id or a .json/.jsonl/.parquet file (default: the toy task)")
     output_dir: str = arg("", "where the run is written (default: runs/toy-<subcommand>)")
     seed: int = arg(0, "random seed")
@@ -88,7 +93,9 @@ class Common:
     grad_accum: int = arg(1, "gradient accumulation steps per optimizer step")
     warmup_ratio: float = arg(0.03, "linear warm-up, as a fraction of all steps")
     bf16: bool = arg(False, "bf16 mixed precision")
-    overwrite: bool = arg(False, "allow writing into an existing run directory")
+    overwrite: bool = arg(
+        False, "replace a finished run in --output-dir (once the new one is done)"
+    )
     gradient_checkpointing: bool = arg(False, "recompute activations in backward: less memory")
     lora_rank: int = arg(0, "LoRA rank (peft) of the trained models; 0: full fine-tuning")
     lora_alpha: float = arg(16.0, "LoRA scaling numerator")
@@ -101,9 +108,6 @@ class Common:
     long_pairs: str = arg("skip", "pairs over --max-len", choices=("skip", "truncate"))
     head_init: str = arg("model", "fresh scalar heads", choices=("model", "authors"))
     micro_batch: int = field(default=0, init=False)  # derived: rows per process per forward
-    final_dir: str = field(default="", init=False)  # derived: where the run ends up (see
-    # prepare_output_dir); output_dir is where it is written meanwhile
-    created: bool = field(default=False, init=False)  # derived: output_dir is this run's own
 
 
 @dataclass
@@ -130,7 +134,7 @@ class FitNormArgs(Common):
 
 @dataclass
 class PPOArgs(Common):
-    reward_model: str = arg("", "reward model directory from train-rm (default: the toy one)")
+    reward_model: str = arg("", "reward model: directory or hub id (default: the toy one)")
     reward_mode: str = arg("", "default: the RM's", choices=("segment", "token", "bandit"))
     interpolation: str = arg("even", "within-segment split", choices=("even", "last", "repeat"))
     location_norm: bool = arg(True, "location-aware normalization (--no-location-norm: raw)")
@@ -145,19 +149,17 @@ class PPOArgs(Common):
     gamma: float = arg(1.0, "discount")
     lam: float = arg(0.95, "GAE lambda")
     clip_eps: float = arg(0.2, "policy ratio clip")
-    value_clip: float = arg(float("nan"), "value clip (default: 0.25 dense, 0.2 bandit)")
+    value_clip: float | None = arg(None, "value clip (default: 0.25 dense, 0.2 bandit)")
     temperature: float = arg(1.0, "sampling temperature")
     top_p: float = arg(1.0, "nucleus sampling")
     max_new_tokens: int = arg(24, "generation length limit")
     missing_eos_penalty: float = arg(1.0, "subtracted at the end of unended responses (paper 0)")
-    end_penalty: float = arg(
-        float("nan"),
-        "reward at every token of responses without end or "
-        "over --end-penalty-len, instead of theirs (default: preset's, else 0)",
+    end_penalty: float | None = arg(
+        None, "reward at every token of responses unended or over --end-penalty-len (preset's)"
     )
     end_penalty_len: int = arg(800, "response length over which --end-penalty applies")
-    length_norm: bool = arg(
-        None, "divide every token reward by the response length (default: the preset's, else off)"
+    length_norm: bool | None = arg(
+        None, "divide each token reward by the response length (preset's)", nargs="?", const=True
     )
     eval_prompts: int = arg(128, "held-out prompts scored before and after training")
     rollout_chunk: int = arg(64, "prompts generated and scored at once per process (memory)")
@@ -165,17 +167,33 @@ class PPOArgs(Common):
 
 @dataclass
 class SegmentArgs:
-    prompt: str = arg(None, "user prompt (chat template applied)")
-    response: str = arg(None, "response to segment")
-    text: str = arg(None, "raw text to segment, no chat template")
-    dataset: str = arg(None, "take the pair from this dataset's row --row (its chosen response)")
+    prompt: str | None = arg(None, "user prompt (chat template applied)")
+    response: str | None = arg(None, "response to segment")
+    text: str | None = arg(None, "raw text to segment, no chat template")
+    dataset: str | None = arg(None, "take the pair from this dataset's row --row")
     row: int = arg(0, "dataset row")
     model: str = arg("", "reference model giving the entropies (default: the reward model's)")
     reward_model: str = arg("", "reward model directory: adds segment rewards")
-    entropy_threshold: float = arg(float("nan"), "cutoff c (default: the reward model's, else 1)")
+    entropy_threshold: float | None = arg(None, "cutoff c (default: the reward model's, else 1)")
     html: str = arg("", "also write the segments as an HTML page to this file")
     end_token: str = arg("", "token closing a response (default: the tokenizer's eos)")
 
+
+# The values each number may take, in interval notation: a value outside (NaN included) would run
+# and give a wrong result, so it is refused with one line before anything starts.
+BOUNDS = {
+    "[0, 4294967296)": "seed",
+    "(0, 1]": "lr critic_lr gamma top_p",
+    "[0, 1]": "lam flaw_rate min_lr_ratio",
+    "[0, 1)": "warmup_ratio",
+    "[0, inf]": "entropy_threshold",
+    "[0, inf)": "save_every lora_rank norm_samples episodes beta row",
+    "(0, inf)": "clip_eps temperature value_clip lora_alpha",
+    "(-inf, inf)": "missing_eos_penalty end_penalty",
+    "[2, inf)": "max_len",
+    "[1, inf)": "batch_size grad_accum epochs max_prompt_len eval_size steps mini_batch_size "
+    "ppo_epochs max_new_tokens eval_prompts rollout_chunk end_penalty_len",
+}
 
 # ----------------------------------------------------------------------------------------------
 # 1. Entropy segmentation. The frozen reference model reads prompt + response once; its entropy
@@ -348,43 +366,40 @@ def interpolate_rewards(seg_rewards, ends, content_mask, mode="even"):
 # SFT model with a fresh head, not from the reward model.
 
 
-def dense_rewards(rm_values, entropy, mask, stop, mode, threshold, norm, interpolation):
-    """(B, R) per-token rewards of sampled responses, their segment ends and raw (B,) scores.
+def token_rewards(rm_values, entropy, logprobs, ref_logprobs, sample, args, settings):
+    """The whole reward PPO optimizes, (B, R) per response token, assembled in the paper's order:
+    segment ends (1) -> segment rewards (2) -> location normalization (3) -> interpolation (4)
+    -> the end-of-response terms of the authors' runs -> clamp, minus the KL term (5).
 
-    mask: response tokens up to and including the stop token; stop: the stop token itself;
-    mode: segment | token | bandit; norm: the reward model's fitted statistics, None for raw."""
-    if mode == "bandit":  # one segment, read at the end token (the last token when truncated)
-        ends = segment_ends(entropy, mask, float("inf"))
+    sample: the response `mask` up to and including its stop token, that `stop` token, and
+    whether each row `stopped` at all. Returns R, the reward before the KL term, the KL, the
+    segment ends and the raw (B,) score (mean segment reward)."""
+    mask, stop, stopped = sample["mask"], sample["stop"], sample["stopped"]
+    norm = settings if args.location_norm else None
+    if args.reward_mode == "bandit":  # one segment, read at the end token (the last when cut)
+        ends = segment_ends(entropy, mask, math.inf)
         seg = rm_values if norm is None else (rm_values - norm["mean"]) / norm["std"]
         dense = torch.where(ends, seg, 0.0)
     else:
         content = mask & ~stop  # the stop token is not content
-        ends = segment_ends(entropy, content, threshold)
+        c = 0.0 if args.reward_mode == "token" else settings["entropy_threshold"]
+        ends = segment_ends(entropy, content, c)
         seg = rm_values
         if norm is not None:
             min_p = norm.get("min_position", 0.0)
             seg = normalize_segment_rewards(rm_values, ends, norm["normalizer"], min_p)
-        dense = interpolate_rewards(seg, ends, content, interpolation)
-    return dense, ends, segment_scores(rm_values, ends)
-
-
-def end_penalty_rewards(dense, mask, stopped, penalty, max_len):
-    """The "end penalty" of the authors' Llama-3.1-Instruct segment run: a response without an
-    end token, or longer than max_len tokens, gets `penalty` at every token instead."""
-    penalized = ~stopped | (mask.sum(-1) > max_len)
-    return torch.where(penalized[:, None], penalty * mask.float(), dense)
-
-
-def length_normalized_rewards(dense, mask):
-    """The authors' Llama-3-SFT token-level run: every token reward divided by the response
-    length, so a response's rewards sum to its mean token reward."""
-    return dense / mask.sum(-1, keepdim=True).clamp(min=1)
-
-
-def kl_penalized_rewards(dense, logprobs, ref_logprobs, mask, beta):
-    """R_t = clamp(r_t, -10, 10) - beta (log pi - log pi_ref); also the (B, T) KL estimate."""
+        dense = interpolate_rewards(seg, ends, content, args.interpolation)
+    # A response cut off by the length limit loses missing_eos_penalty at its last token.
+    last = mask & (mask.long().cumsum(-1) == mask.sum(-1, keepdim=True))
+    dense = dense - args.missing_eos_penalty * (last & ~stopped[:, None])
+    if args.end_penalty is not None:  # the authors' Llama-3.1-Instruct segment run
+        penalized = ~stopped | (mask.sum(-1) > args.end_penalty_len)
+        dense = torch.where(penalized[:, None], args.end_penalty * mask.float(), dense)
+    if args.length_norm:  # the authors' Llama-3-SFT token run: rewards sum to their mean
+        dense = dense / mask.sum(-1, keepdim=True).clamp(min=1)
     kl = (logprobs - ref_logprobs) * mask
-    return dense.clamp(-10, 10) - beta * kl, kl
+    rewards = dense.clamp(-10, 10) - args.beta * kl
+    return rewards, dense, kl, ends, segment_scores(rm_values, ends)
 
 
 def gae(rewards, values, mask, gamma=1.0, lam=0.95):
@@ -460,12 +475,12 @@ def value_loss(values, old_values, returns, mask, clip):
 def train_rm(args):
     accelerator = make_accelerator(args)
     model_path = model_folder(args.model) if args.model else toy_sft_model()
-    check_model_dir(model_path)
     tokenizer = load_tokenizer(model_path)
     ds = rm_pairs(args, tokenizer)
     if not 0 < args.eval_size < len(ds):
         fail(f"--eval-size {args.eval_size} must be between 1 and the {len(ds)} usable pairs - 1")
-    prepare_output_dir(args, "train-rm", accelerator, [model_path, args.dataset])
+    if done := start_run(args, "train-rm", accelerator, [model_path, args.dataset]):
+        return done
     model, optimizer, scheduler, train_loader, eval_loader, split = rm_setup(
         args, accelerator, model_path, tokenizer, ds
     )
@@ -489,7 +504,7 @@ def train_rm(args):
                 loss_sum += loss.detach()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    check_finite(accelerator, loss_sum, "loss", step + 1, args)
+                    check_finite(accelerator, loss_sum, "loss", step + 1)
                 accelerator.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 scheduler.step()
@@ -515,8 +530,8 @@ def train_rm(args):
         "segment/per_response": round(metrics["segment/per_response"], 2),
     }
     result.update(toy_rm_report(args, accelerator, model_path, tokenizer))  # the toy only
-    finish_run(args, accelerator)
-    return {**result, "output_dir": args.output_dir, "entropy_threshold": args.entropy_threshold}
+    result.update(output_dir=RUN["given"], entropy_threshold=args.entropy_threshold)
+    return finish_run(args, accelerator, result)
 
 
 def resume_state(accelerator, args, **start):
@@ -643,31 +658,31 @@ def save_reward_model(args, accelerator, model, tokenizer, model_path, train_ds,
 
 def fit_norm(args):
     """Fit (or refit) the normalizer of an existing reward model. The settings are written only
-    once everything succeeded: in place (the previous file kept as .bak) or, with --output-dir,
-    into a copy of the reward model."""
+    once everything succeeded: in place (the previous config.json kept as config.json.bak) or,
+    with --output-dir, into a copy of the reward model."""
     accelerator = make_accelerator(args)
     settings = load_rm_settings(args.reward_model)
     threshold = settings["entropy_threshold"]
-    ref_path = reference_model(args, settings)
-    tokenizer = load_tokenizer(args.reward_model)
-    check_model_dir(args.reward_model, kind="reward")
-    check_writable(args.plot, "--plot")
+    ref_path = args.model or settings["reference_model"]
+    tokenizer, ref, model = load_scorers(ref_path, args.reward_model, args.bf16)
+    plot = args.plot and output_path(
+        args.plot, [args.reward_model, ref_path, args.dataset], "--plot"
+    )
+    if plot:  # checked before the work, not after it
+        import matplotlib  # noqa: F401
     args.end_token = args.end_token or settings["end_token"]
     ds = rm_pairs(args, tokenizer)
-    in_place = os.path.realpath(args.output_dir) == os.path.realpath(args.reward_model)
-    if not in_place:
-        inputs = [args.reward_model, ref_path, args.dataset]
-        prepare_output_dir(args, "fit-norm", accelerator, inputs)
-    elif accelerator.is_main_process:  # no two runs at once on one reward model either
-        args.final_dir = args.output_dir
-        take_lock(args.output_dir + ".lock")
     ds = ds.select(range(min(args.norm_samples or len(ds), len(ds))))  # entropies of just these
+    in_place = same_path(args.output_dir, args.reward_model)
+    inputs = [ref_path, args.dataset] + ([] if in_place else [args.reward_model])
+    if done := start_run(args, "fit-norm", accelerator, inputs, in_place):
+        return done
     if not math.isinf(threshold):
-        ds = add_entropies(ds, args, accelerator, ref_path, tokenizer)
+        ds = add_entropies(ds, args, accelerator, ref_path, tokenizer, ref)
     collate = pair_collate(tokenizer.pad_token_id, math.isinf(threshold))
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, collate_fn=collate)
     loader = accelerator.prepare(loader)
-    model = load_model(args.reward_model, "value", args.bf16).to(accelerator.device)
+    model = model.to(accelerator.device)
     positions, rewards, scores = collect_segment_rewards(model, loader, threshold, accelerator)
     fitted = normalizer_settings(positions, rewards, scores, len(scores))
     if not all(math.isfinite(v) for v in [*fitted["normalizer"], fitted["mean"], fitted["std"]]):
@@ -676,26 +691,25 @@ def fit_norm(args):
         print(f"warning: the normalizer rests on only {len(scores)} responses", file=sys.stderr)
     settings.update(fitted, reference_model=ref_path)
     if accelerator.is_main_process:
-        if args.plot:  # first: a failing plot leaves the settings as they were
-            try:
-                plot_normalizer(args.plot, positions, rewards, settings["normalizer"])
-            except (OSError, ValueError, ImportError) as e:
-                fail(f"--plot {args.plot}: {e}; the settings were left as they were")
+        if plot:  # first: a failing plot leaves the settings as they were
+            from benchmarks.pictures import plot_normalizer
+
+            plot_normalizer(plot, positions, rewards, settings["normalizer"])
         if not in_place:
             copy_model_files(args.reward_model, args.output_dir)
         write_rm_settings(args.output_dir, settings, backup=in_place)
-    if not in_place:
-        finish_run(args, accelerator)
     keys = ("normalizer", "mean", "std", "norm_samples")
-    return {**{k: settings[k] for k in keys}, "output_dir": args.output_dir}
+    return finish_run(
+        args, accelerator, {**{k: settings[k] for k in keys}, "output_dir": RUN["given"]}
+    )
 
 
 def copy_model_files(src, dst):
-    """The files of a model folder (not its run records, caches or checkpoints) into dst."""
-    skip = ("args.json", "metrics.jsonl", SETTINGS_FILE, SETTINGS_FILE + ".bak")
+    """The files of a model folder (not its run records or checkpoints) into dst."""
+    skip = ("args.json", "metrics.jsonl", "result.json", "config.json.bak")
     for name in os.listdir(src):
         path = os.path.join(src, name)
-        if os.path.isfile(path) and name not in skip and not name.startswith("entropy-"):
+        if os.path.isfile(path) and name not in skip:
             shutil.copy2(path, os.path.join(dst, name))
 
 
@@ -706,11 +720,15 @@ def copy_model_files(src, dst):
 
 
 def ppo(args):
-    run = ppo_setup(args)
-    accelerator, policy, critic, loader = run.accelerator, run.policy, run.critic, run.loader
+    accelerator, tokenizer, settings, loader, eval_loader = ppo_data(args)
+    models = ppo_models(args, accelerator, settings, tokenizer)
+    if done := start_run(args, "ppo", accelerator, [models.path, args.reward_model, args.dataset]):
+        return done
+    opt_p, opt_c, sched_p, sched_c = ppo_optimizers(args, accelerator, models)
+    policy, critic = models.policy, models.critic
     state = load_checkpoint(accelerator, args) if args.resume else None
     if state is None:
-        state = {"step": 0, "before": evaluate_policy(run, args)}
+        state = {"step": 0, "before": evaluate_policy(models, eval_loader, args, settings)}
     before, metrics = state["before"], state.get("metrics", {})
     bar = tqdm(range(state["step"], args.steps), desc="ppo", disable=quiet())
     for step in bar:
@@ -720,39 +738,43 @@ def ppo(args):
             loader.set_epoch(epoch)
             batches = iter(accelerator.skip_first_batches(loader, i) if i else loader)
         batch = next(batches)
-        # 1. Rollout: sample, then score: old log-probs, values, dense rewards, KL, advantages.
+        # 1. Rollout: sample, then score: old log-probs, values, rewards, KL, advantages.
         policy.eval()
         critic.eval()
-        chunks = zip(*(batch[k].split(args.rollout_chunk) for k in ("input_ids", "attention_mask")))
-        parts = [rollout(run, ids, mask, args) for ids, mask in chunks]
-        data = {k: cat_padded([part[k] for part in parts]) for k in parts[0]}
-        check_finite(accelerator, data["dense"], "reward", step + 1, args)
+        prompts = zip(
+            *(batch[k].split(args.rollout_chunk) for k in ("input_ids", "attention_mask"))
+        )
+        chunks = [rollout(models, ids, mask, args, settings) for ids, mask in prompts]
+        data = {k: cat_padded([chunk[k] for chunk in chunks]) for k in chunks[0]}
+        check_finite(accelerator, data["dense"], "reward", step + 1)
         all_sum = lambda t: accelerator.reduce(t, "sum")  # noqa: E731
         data["advantages"] = whiten(data["advantages"], data["mask"], all_sum)
         # 2. Epochs of clipped mini-batch updates over the rollout batch.
         policy.train()
         critic.train()
-        stats = []
+        stats, n, device = [], len(data["seq"]), data["seq"].device
         for _ in range(args.ppo_epochs):
-            for idx in torch.randperm(len(data["seq"]), device=data["seq"].device).split(
-                args.micro_batch
-            ):
+            for idx in torch.randperm(n, device=device).split(args.micro_batch):
                 mini = {k: v[idx] for k, v in data.items()}
-                stats.append(ppo_update(run, mini, args, batch["input_ids"].shape[1], step + 1))
-        run.sched_p.step()
-        run.sched_c.step()
+                stats.append(ppo_update(models, mini, (opt_p, opt_c), args, step + 1))
+        sched_p.step()
+        sched_c.step()
         # 3. Log: rollout statistics, losses and diagnostics, a sample now and then.
-        metrics = ppo_metrics(run, data, stats, batch["prompt_text"], args)
-        log_metrics(args, accelerator, {"step": step + 1, **metrics, "time/step_s": lap(start)})
+        metrics = ppo_metrics(accelerator, tokenizer, data, stats, batch["prompt_text"], args)
+        log_metrics(
+            args,
+            accelerator,
+            {"step": step + 1, **metrics, "time/step_s": time.perf_counter() - start},
+        )
         bar.set_postfix(reward=f"{metrics['ppo/reward']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
         if accelerator.is_main_process and (step + 1) % max(1, args.steps // 4) == 0:
-            bar.write(sample_table(run.tokenizer, data, 0))
+            bar.write(sample_table(tokenizer, data, 0))
         if args.save_every and (step + 1) % args.save_every == 0:
-            where = {"step": step + 1, "before": before, "metrics": metrics}
-            save_checkpoint(accelerator, args, where)
-    after = evaluate_policy(run, args)
-    save_model(accelerator, policy, run.tokenizer, args.output_dir)
-    finish_run(args, accelerator)
+            save_checkpoint(
+                accelerator, args, {"step": step + 1, "before": before, "metrics": metrics}
+            )
+    after = evaluate_policy(models, eval_loader, args, settings)
+    save_model(accelerator, policy, tokenizer, args.output_dir)
     result = {
         "reward_before": round(before["reward"], 4),
         "reward_after": round(after["reward"], 4),
@@ -761,8 +783,8 @@ def ppo(args):
         for key in ("toy_score", "flawed_rate"):
             result[f"{key}_before"] = round(before[key], 4)
             result[f"{key}_after"] = round(after[key], 4)
-    kl = round(metrics["ppo/kl"], 4)
-    return {**result, "kl": kl, "reward_mode": args.reward_mode, "output_dir": args.output_dir}
+    result.update(kl=round(metrics["ppo/kl"], 4), reward_mode=args.reward_mode)
+    return finish_run(args, accelerator, {**result, "output_dir": RUN["given"]})
 
 
 @torch.no_grad()
@@ -786,63 +808,43 @@ def generate(policy, prompt_ids, prompt_mask, args, stop_ids, pad_id):
     # Implementation detail: everything after the first stop token is masked (padding or junk).
     mask = (is_stop.long().cumsum(-1) - is_stop.long()) == 0
     attn = torch.cat([prompt_mask, mask.long()], 1)
-    stopped = is_stop.any(-1)
+    stop, stopped = is_stop & mask, is_stop.any(-1)
     return {
         "seq": out,
         "attn": attn,
         "response": response,
         "mask": mask,
-        "stop": is_stop & mask,
+        "stop": stop,
         "stopped": stopped,
     }
 
 
 @torch.no_grad()
-def score_responses(run, sample, args):
-    """One reference forward gives the KL log-probs and the entropies that segment the responses;
-    one reward-model forward gives the segment rewards. Returns (B, R) reference log-probs and
-    dense rewards, the segment ends and the raw (B,) reward-model score."""
-    seq, attn, response, mask = sample["seq"], sample["attn"], sample["response"], sample["mask"]
+def score_responses(models, sample, args):
+    """The frozen models' view of sampled responses: one reference forward gives the KL
+    log-probs and the entropies that segment them, one reward-model forward the values."""
+    seq, attn, response = sample["seq"], sample["attn"], sample["response"]
     P = seq.shape[1] - response.shape[1]
-    logits = run.ref_logits(seq, attn)
+    logits = models.ref_logits(seq, attn)
     ref_logprobs = logprobs_of(logits[:, P - 1 : -1], response, args.temperature)
     bandit = args.reward_mode == "bandit"  # one segment: no entropies needed
     entropy = torch.zeros_like(ref_logprobs) if bandit else token_entropy(logits[:, P:])
-    rm_values = token_values(run.rm, seq, attn)[:, P:]
-    threshold = 0.0 if args.reward_mode == "token" else run.settings["entropy_threshold"]
-    norm = run.settings if args.location_norm else None
-    dense, ends, score = dense_rewards(
-        rm_values,
-        entropy,
-        mask,
-        sample["stop"],
-        args.reward_mode,
-        threshold,
-        norm,
-        args.interpolation,
-    )
-    last = mask & (mask.long().cumsum(-1) == mask.sum(-1, keepdim=True))
-    dense = dense - args.missing_eos_penalty * (last & ~sample["stopped"][:, None])
-    if args.end_penalty:
-        dense = end_penalty_rewards(
-            dense, mask, sample["stopped"], args.end_penalty, args.end_penalty_len
-        )
-    if args.length_norm:
-        dense = length_normalized_rewards(dense, mask)
-    return ref_logprobs, dense, ends, score
+    return token_values(models.rm, seq, attn)[:, P:], entropy, ref_logprobs
 
 
 @torch.no_grad()
-def rollout(run, prompt_ids, prompt_mask, args):
+def rollout(models, prompt_ids, prompt_mask, args, settings):
     """One rollout chunk: responses, old log-probs, values, rewards, advantages, returns (B, R)."""
-    sample = generate(run.policy, prompt_ids, prompt_mask, args, run.stop_ids, run.pad_id)
+    sample = generate(models.policy, prompt_ids, prompt_mask, args, models.stop_ids, models.pad_id)
     seq, attn, mask = sample["seq"], sample["attn"], sample["mask"]
     P = prompt_ids.shape[1]
-    logits = forward(run.policy, seq, attn).logits[:, P - 1 : -1]
+    logits = forward(models.policy, seq, attn).logits[:, P - 1 : -1]
     old_logprobs = logprobs_of(logits, sample["response"], args.temperature)
-    values = token_values(run.critic, seq, attn)[:, P - 1 : -1] * mask
-    ref_logprobs, dense, ends, score = score_responses(run, sample, args)
-    rewards, kl = kl_penalized_rewards(dense, old_logprobs, ref_logprobs, mask, args.beta)
+    values = token_values(models.critic, seq, attn)[:, P - 1 : -1] * mask
+    rm_values, entropy, ref_logprobs = score_responses(models, sample, args)
+    rewards, dense, kl, ends, score = token_rewards(
+        rm_values, entropy, old_logprobs, ref_logprobs, sample, args, settings
+    )
     advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
     return {
         **sample,
@@ -859,26 +861,31 @@ def rollout(run, prompt_ids, prompt_mask, args):
     }
 
 
-def ppo_update(run, batch, args, P, step):
+def ppo_update(models, mini, optimizers, args, step):
     """One clipped policy step and one clipped value step on a mini-batch; their statistics."""
-    mask = batch["mask"]
-    with run.accelerator.accumulate(run.policy, run.critic):
-        logits = forward(run.policy, batch["seq"], batch["attn"]).logits[:, P - 1 : -1]
-        logprobs = logprobs_of(logits, batch["response"], args.temperature)
-        pg_loss = policy_loss(
-            logprobs, batch["old_logprobs"], batch["advantages"], mask, args.clip_eps
-        )
-        values = token_values(run.critic, batch["seq"], batch["attn"])[:, P - 1 : -1]
-        v_loss = value_loss(values, batch["values"], batch["returns"], mask, args.value_clip)
-        check_finite(run.accelerator, pg_loss + v_loss, "PPO loss", step, args)
-        run.accelerator.backward(pg_loss + v_loss)  # disjoint parameters: one backward serves both
-        run.accelerator.clip_grad_norm_(run.policy.parameters(), 1.0)
-        run.accelerator.clip_grad_norm_(run.critic.parameters(), 1.0)
-        for optimizer in (run.opt_p, run.opt_c):
+    policy, critic, accelerator, mask = (
+        models.policy,
+        models.critic,
+        models.accelerator,
+        mini["mask"],
+    )
+    P = mini["seq"].shape[1] - mini["response"].shape[1]
+    with accelerator.accumulate(policy, critic):
+        logits = forward(policy, mini["seq"], mini["attn"]).logits[:, P - 1 : -1]
+        logprobs = logprobs_of(logits, mini["response"], args.temperature)
+        advantages, old_values = mini["advantages"], mini["values"]
+        pg_loss = policy_loss(logprobs, mini["old_logprobs"], advantages, mask, args.clip_eps)
+        values = token_values(critic, mini["seq"], mini["attn"])[:, P - 1 : -1]
+        v_loss = value_loss(values, old_values, mini["returns"], mask, args.value_clip)
+        check_finite(accelerator, pg_loss + v_loss, "PPO loss", step)
+        accelerator.backward(pg_loss + v_loss)  # disjoint parameters: one backward serves both
+        accelerator.clip_grad_norm_(policy.parameters(), 1.0)
+        accelerator.clip_grad_norm_(critic.parameters(), 1.0)
+        for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
     with torch.no_grad():
-        log_ratio = logprobs - batch["old_logprobs"]
+        log_ratio = logprobs - mini["old_logprobs"]
         return {
             "losses/policy": pg_loss.detach(),
             "losses/value": v_loss.detach(),
@@ -889,12 +896,12 @@ def ppo_update(run, batch, args, P, step):
             # k3 estimator of KL(old || new): E[(r - 1) - log r], r = pi_new / pi_old, always >= 0
             "ppo/approx_kl": masked_mean(log_ratio.exp() - 1 - log_ratio, mask),
             "ppo/value_clipfrac": masked_mean(
-                ((values - batch["values"]).abs() > args.value_clip).float(), mask
+                ((values - old_values).abs() > args.value_clip).float(), mask
             ),
         }
 
 
-def ppo_metrics(run, data, stats, prompts, args):
+def ppo_metrics(accelerator, tokenizer, data, stats, prompts, args):
     """One metrics row, averaged over the processes: rollout, losses, diagnostics, toy score."""
     mask, ends = data["mask"], data["ends"].float()
     residual = masked_var(data["returns"] - data["values"], mask)
@@ -910,45 +917,41 @@ def ppo_metrics(run, data, stats, prompts, args):
         "ppo/explained_variance": 1 - residual / masked_var(data["returns"], mask).clamp(min=1e-8),
     }
     if not args.dataset:  # the exact checker exists for the toy task only
-        texts = decode_responses(run.tokenizer, data["response"], mask, data["stop"])
+        texts = decode_responses(tokenizer, data["response"], mask, data["stop"])
         toy = [toy_score(p, t) for p, t in zip(prompts, texts)]
         m["ppo/toy_score"] = torch.tensor(sum(toy) / len(toy), device=mask.device)
-    return {**reduce_dict(run.accelerator, m, "mean"), "processes": run.accelerator.num_processes}
+    return {**reduce_dict(accelerator, m, "mean"), "processes": accelerator.num_processes}
 
 
 @torch.no_grad()
-def evaluate_policy(run, args):
+def evaluate_policy(models, eval_loader, args, settings):
     """Mean reward-model score, exact toy score (toy task only) and flawed rate on held-out
     prompts, with the same sampling noise before and after training."""
     torch.manual_seed(args.seed + 1)
-    scores, toy = [], []
-    for batch in run.eval_loader:
+    accelerator, scores, toy = models.accelerator, [], []
+    for batch in eval_loader:
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        sample = generate(run.policy, ids, mask, args, run.stop_ids, run.pad_id)
-        score = score_responses(run, sample, args)[3]
-        scores.append(run.accelerator.gather_for_metrics(score))
-        texts = decode_responses(run.tokenizer, sample["response"], sample["mask"], sample["stop"])
+        sample = generate(models.policy, ids, mask, args, models.stop_ids, models.pad_id)
+        rm_values, entropy, ref_logprobs = score_responses(models, sample, args)
+        out = token_rewards(rm_values, entropy, ref_logprobs, ref_logprobs, sample, args, settings)
+        scores.append(accelerator.gather_for_metrics(out[-1]))
+        texts = decode_responses(
+            models.tokenizer, sample["response"], sample["mask"], sample["stop"]
+        )
         toy += [toy_score(p, t) for p, t in zip(batch["prompt_text"], texts)]
-    out = {"reward": torch.cat(scores).mean().item()}
+    result = {"reward": torch.cat(scores).mean().item()}
     if not args.dataset:
-        toy = torch.tensor(run.accelerator.gather_for_metrics(toy), dtype=torch.float)
-        out.update(toy_score=toy.mean().item(), flawed_rate=(toy < 1).float().mean().item())
-    return out
+        toy = torch.tensor(accelerator.gather_for_metrics(toy), dtype=torch.float)
+        result.update(toy_score=toy.mean().item(), flawed_rate=(toy < 1).float().mean().item())
+    return result
 
 
-def ppo_setup(args):
-    """Everything PPO needs: prompts, the four models, optimizers, schedules, stop ids."""
+def ppo_data(args):
+    """The reward model's settings, the accelerator, the tokenizer and the prompt loaders."""
     settings = ensure_reward_model(args)
     accelerator = make_accelerator(args)
-    model_path = reference_model(args, settings)
-    tokenizer = load_tokenizer(model_path)
-    if tokenizer.get_vocab() != load_tokenizer(args.reward_model).get_vocab():
-        fail(
-            f"the reward model {args.reward_model} and the policy {model_path} use different "
-            "tokenizers; they must share one"
-        )
+    tokenizer = load_tokenizer(reference_model(args, settings))
     tokenizer.padding_side = "left"  # Implementation detail: batched generation pads on the left
-    end_id = end_token_id(tokenizer, args.end_token or settings["end_token"])
     train_ds, eval_ds = prompt_splits(args, tokenizer)
     if args.episodes > 0:
         args.steps = max(1, int(args.episodes * len(train_ds)) // args.batch_size)
@@ -964,51 +967,46 @@ def ppo_setup(args):
         generator=torch.Generator(),
     )
     eval_loader = torch.utils.data.DataLoader(eval_ds, args.rollout_chunk, collate_fn=collate)
-    check_model_dir(model_path, kind="causal")
-    check_model_dir(args.reward_model, kind="reward")
-    inputs = [model_path, args.reward_model, args.dataset]
-    prepare_output_dir(args, "ppo", accelerator, inputs)  # input checked: from here on, writes
-    run = types.SimpleNamespace(accelerator=accelerator, tokenizer=tokenizer, settings=settings)
-    load_ppo_models(run, args, model_path)
-    run.stop_ids = stop_token_ids(run.policy, end_id)
-    run.pad_id = tokenizer.pad_token_id
-    run.opt_p, run.sched_p = make_optimizer(run.policy, args, args.steps)
-    critic_args = dataclasses.replace(args, lr=args.critic_lr)
-    run.opt_c, run.sched_c = make_optimizer(run.critic, critic_args, args.steps)
-    # One model per prepare call: FSDP wraps models one at a time.
-    run.policy, run.opt_p = accelerator.prepare(run.policy, run.opt_p)
-    run.critic, run.opt_c = accelerator.prepare(run.critic, run.opt_c)
-    run.loader, run.eval_loader = accelerator.prepare(loader, eval_loader)
-    accelerator.register_for_checkpointing(run.sched_p, run.sched_c)
-    return run
+    loader, eval_loader = accelerator.prepare(loader, eval_loader)
+    return accelerator, tokenizer, settings, loader, eval_loader
 
 
-def load_ppo_models(run, args, model_path):
+def ppo_models(args, accelerator, settings, tokenizer):
     """Actor = SFT policy; critic = SFT backbone + zero head; frozen reward model; reference =
-    frozen SFT policy (with LoRA: the policy with its adapters off, no second copy)."""
+    frozen SFT policy (with LoRA: the policy with its adapters off, no second copy). One record,
+    since every rollout reads them all, with the ids that end a generation."""
+    path = reference_model(args, settings)
+    _, ref, rm = load_scorers(path, args.reward_model, args.bf16, with_ref=not args.lora_rank)
     frozen_bf16 = args.bf16 and args.lora_rank > 0  # LoRA: base weights never train, keep bf16
-    run.policy = load_model(model_path, bf16=frozen_bf16)
-    run.critic = load_model(model_path, "value", frozen_bf16)
-    init_head(run.critic, args.head_init, critic=True)
-    run.policy = trainable(run.policy, args, "causal")
-    run.critic = trainable(run.critic, args, "value")
-    device = run.accelerator.device
-    run.rm = (
-        load_model(args.reward_model, "value", args.bf16).eval().requires_grad_(False).to(device)
-    )
-    if args.lora_rank:
+    policy = load_model(path, "causal", frozen_bf16)
+    critic = init_head(load_model(path, "value", frozen_bf16), args.head_init, critic=True)
+    m = types.SimpleNamespace(policy=trainable(policy, args, "causal"), path=path)
+    m.critic, m.rm = trainable(critic, args, "value"), rm.to(accelerator.device)
+    ref = ref.to(accelerator.device) if ref is not None else None
 
-        def ref_logits(seq, attn):
-            with unwrap(run.policy).disable_adapter():
-                return forward(run.policy, seq, attn).logits
-
-    else:
-        ref = load_model(model_path, bf16=args.bf16).eval().requires_grad_(False).to(device)
-
-        def ref_logits(seq, attn):
+    def ref_logits(seq, attn):
+        if ref is not None:
             return forward(ref, seq, attn).logits
+        with unwrap(m.policy).disable_adapter():
+            return forward(m.policy, seq, attn).logits
 
-    run.ref_logits = ref_logits
+    m.ref_logits, m.pad_id = ref_logits, tokenizer.pad_token_id
+    end_id = end_token_id(tokenizer, args.end_token or settings["end_token"])
+    m.stop_ids, m.accelerator, m.tokenizer = stop_token_ids(policy, end_id), accelerator, tokenizer
+    return m
+
+
+def ppo_optimizers(args, accelerator, m):
+    """AdamW and schedules for the actor and the critic, prepared with their models (one model
+    per prepare call: FSDP wraps models one at a time)."""
+    opt_p, sched_p = make_optimizer(m.policy, args, args.steps)
+    opt_c, sched_c = make_optimizer(
+        m.critic, dataclasses.replace(args, lr=args.critic_lr), args.steps
+    )
+    m.policy, opt_p = accelerator.prepare(m.policy, opt_p)
+    m.critic, opt_c = accelerator.prepare(m.critic, opt_c)
+    accelerator.register_for_checkpointing(sched_p, sched_c)
+    return opt_p, opt_c, sched_p, sched_c
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1017,10 +1015,7 @@ def load_ppo_models(run, args, model_path):
 
 def sft(args):
     if args.save_every or args.resume:
-        fail(
-            "sft has no checkpoints (it is the toy's quick first stage); "
-            "--save-every / --resume are for train-rm and ppo"
-        )
+        fail("sft has no checkpoints (the toy's quick first stage); they are for train-rm and ppo")
     accelerator = make_accelerator(args)
     if args.model:
         tokenizer, model = load_tokenizer(args.model), load_model(args.model)
@@ -1031,27 +1026,28 @@ def sft(args):
     total = args.epochs * math.ceil(len(loader) / args.grad_accum)
     optimizer, scheduler = make_optimizer(model, args, total)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    prepare_output_dir(args, "sft", accelerator, [args.model, args.dataset])
+    if done := start_run(args, "sft", accelerator, [args.model, args.dataset]):
+        return done
     model.train()
     bar = tqdm(total=args.epochs * len(loader), desc="sft", disable=quiet())
     for epoch in range(args.epochs):
         for batch in loader:
             with accelerator.accumulate(model):
-                out = forward(
-                    model, batch["input_ids"], batch["attention_mask"], labels=batch["labels"]
-                )
-                accelerator.backward(out.loss)
+                ids, mask = batch["input_ids"], batch["attention_mask"]
+                loss = forward(model, ids, mask, labels=batch["labels"]).loss
+                accelerator.backward(loss)
                 accelerator.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
             bar.update()
             if bar.n % 20 == 0:  # a host sync only now and then
-                bar.set_postfix(loss=f"{out.loss.item():.3f}")
-        log_metrics(args, accelerator, {"epoch": epoch + 1, "sft/loss": out.loss.item()})
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        log_metrics(args, accelerator, {"epoch": epoch + 1, "sft/loss": loss.item()})
     save_model(accelerator, model, tokenizer, args.output_dir)
-    finish_run(args, accelerator)
-    return {"sft/loss": round(out.loss.item(), 4), "output_dir": args.output_dir}
+    return finish_run(
+        args, accelerator, {"sft/loss": round(loss.item(), 4), "output_dir": RUN["given"]}
+    )
 
 
 def sft_loader(args, tokenizer):
@@ -1068,10 +1064,8 @@ def sft_loader(args, tokenizer):
         prompt, response = split_conversation(row, key, tokenizer, i)
         prompt_ids, response_ids = encode(tokenizer, prompt, response, args.max_prompt_len, end_id)
         ids = (prompt_ids + response_ids)[: args.max_len]
-        return {
-            "input_ids": ids,
-            "labels": ([-100] * len(prompt_ids) + response_ids)[: args.max_len],
-        }
+        labels = ([-100] * len(prompt_ids) + response_ids)[: args.max_len]
+        return {"input_ids": ids, "labels": labels}
 
     def collate(rows):
         ids = [r["input_ids"] for r in rows]
@@ -1298,12 +1292,8 @@ def toy_sft_model():
 
 
 # ----------------------------------------------------------------------------------------------
-# Plumbing from here on. Data: preference and prompt datasets in the standard and conversational
-# layouts, chat template, end token appended, lengths checked, reference entropies cached.
-
-SETTINGS_FILE = (
-    "segment_rlhf.json"  # segmentation settings + normalizer, saved beside a reward model
-)
+# Plumbing from here on. Data: preference and prompt datasets in TRL's layouts, chat template,
+# end token appended, lengths checked, reference entropies cached.
 
 
 def fail(msg):
@@ -1315,22 +1305,15 @@ def load_rows(name, split="train"):
     """A hub id or a local json/jsonl/parquet file, through `datasets`."""
     ext = os.path.splitext(name)[1].lstrip(".")
     if ext in ("json", "jsonl", "parquet"):
-        if not os.path.exists(name):
+        if not os.path.isfile(name):
             fail(f"dataset file {name} does not exist")
         builder = "parquet" if ext == "parquet" else "json"
         try:
             ds = datasets.load_dataset(builder, data_files=name, split="train")
         except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError, OSError):
-            # unparsable (ValueError: pyarrow's ArrowInvalid), empty, unreadable, cache unwritable
             fail(f"could not read {name}: it must hold {ext} records, one per example")
-    elif os.path.isdir(name) or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        try:
-            ds = datasets.load_dataset(name, split=split)
-        except (FileNotFoundError, ConnectionError, OSError, ValueError) as e:
-            fail(
-                f"could not load dataset {name!r} ({type(e).__name__}); pass a hub id, a "
-                "directory or a .json/.jsonl/.parquet file"
-            )
+    elif os.path.isdir(name) or is_hub_id(name):
+        ds = datasets.load_dataset(name, split=split)
     else:
         fail(f"dataset {name!r} is neither a hub id (org/name) nor a .json/.jsonl/.parquet file")
     if len(ds) == 0:
@@ -1338,12 +1321,39 @@ def load_rows(name, split="train"):
     return ds
 
 
+def split_pair(row, tokenizer, i):
+    """(prompt, chosen, rejected) of a preference row in any of TRL's layouts. Conversations go
+    through TRL's maybe_extract_prompt, which also takes the prompt out of rows that carry it
+    twice (UltraFeedback: a `prompt` string and full conversations)."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    if isinstance(chosen, str) and isinstance(rejected, str) and row.get("prompt") is None:
+        return implicit_prompt(chosen, rejected)
+    if isinstance(chosen, list) and isinstance(rejected, list) and chosen and rejected:
+        row = maybe_extract_prompt(
+            {k: row[k] for k in ("prompt", "chosen", "rejected") if k in row}
+        )
+    prompt, chosen = split_conversation(row, "chosen", tokenizer, i)
+    other, rejected = split_conversation(row, "rejected", tokenizer, i)
+    if other != prompt:  # a pair compares two answers to one prompt
+        fail(f"row {i}: chosen and rejected have different prompts")
+    return prompt, chosen, rejected
+
+
+def implicit_prompt(chosen, rejected):
+    """TRL's standard implicit layout (chosen and rejected full texts): the shared prefix is the
+    prompt. TRL cuts at the first differing character, which can split a word ("k|iwi") and
+    so move the tokens a segment is read at: cut back to the last whitespace instead."""
+    shared = os.path.commonprefix([chosen, rejected])
+    cut = max(shared.rfind(" "), shared.rfind("\n"))
+    prompt = shared[:cut] if cut > 0 else ""
+    return prompt, chosen[len(prompt) :], rejected[len(prompt) :]
+
+
 def split_conversation(row, key, tokenizer, index=0):
-    """(prompt, response text) of a row in any of TRL's layouts: standard (`prompt` and `key`
-    strings) or conversational (`key` holds the assistant's turn, after a `prompt` message list,
-    or a whole conversation that ends with it). The prompt comes back as messages, or as text
-    when a prompt string already ends with the chat template's assistant header (a templated
-    prompt is used as it is, not wrapped in a second user turn)."""
+    """(prompt, response text) of a row: standard (`prompt` and `key` strings) or conversational
+    (`key` holds the assistant's turn, after a `prompt` message list, or a whole conversation
+    that ends with it). The prompt comes back as messages, or as text when a prompt string
+    already ends with the chat template's assistant header (used as it is, not wrapped)."""
     value, prompt = row[key], row.get("prompt")
     where = f"row {index}, column {key!r}"
     earlier, response = [], value
@@ -1378,22 +1388,12 @@ def assistant_header(tokenizer):
     return ready[len(bare) :].strip()
 
 
-def implicit_prompt(chosen, rejected):
-    """TRL's standard implicit layout (chosen and rejected full texts): the shared prefix, cut
-    back to its last whitespace, is the prompt; the rest of each text is its response."""
-    shared = os.path.commonprefix([chosen, rejected])
-    cut = max(shared.rfind(" "), shared.rfind("\n"))
-    prompt = shared[:cut] if cut > 0 else ""
-    return prompt, chosen[len(prompt) :], rejected[len(prompt) :]
-
-
 def check_turns(messages, where):
     """Every turn a dict with a string role and content (the chat template needs both)."""
     for turn in messages:
-        ok = isinstance(turn, dict) and all(
+        if not isinstance(turn, dict) or not all(
             isinstance(turn.get(k), str) for k in ("role", "content")
-        )
-        if not ok:
+        ):
             fail(f"{where}: every turn needs a string 'role' and 'content', got {turn!r}")
 
 
@@ -1410,7 +1410,9 @@ def check_columns(ds, keys):
 
 def encode(tokenizer, prompt, response, max_prompt_len, end_id):
     """Token ids of the prompt (messages through the chat template, or text as it is) cut from
-    the left, and of the response followed by the end token (none when end_id is None)."""
+    the left, and of the response followed by the end token (none when end_id is None). Prompt
+    and response are tokenized apart, not as one templated text (TRL's maybe_apply_chat_template):
+    a response's segments are read at its own tokens, which a merge at the seam would move."""
     text = prompt
     if isinstance(prompt, list):
         text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
@@ -1438,15 +1440,7 @@ def prepare_pairs(ds, tokenizer, args, end_id):
     check_columns(ds, ["chosen", "rejected"])
 
     def encode_row(row, i):
-        if row.get("prompt") is None and all(
-            isinstance(row[k], str) for k in ("chosen", "rejected")
-        ):
-            prompt, chosen, rejected = implicit_prompt(row["chosen"], row["rejected"])
-        else:
-            prompt, chosen = split_conversation(row, "chosen", tokenizer, i)
-            other, rejected = split_conversation(row, "rejected", tokenizer, i)
-            if other != prompt:  # a pair compares two answers to one prompt
-                fail(f"row {i}: chosen and rejected have different prompts")
+        prompt, chosen, rejected = split_pair(row, tokenizer, i)
         prompt_ids, chosen_ids = encode(tokenizer, prompt, chosen, args.max_prompt_len, end_id)
         rejected_ids = encode(tokenizer, prompt, rejected, args.max_prompt_len, end_id)[1]
         if args.long_pairs == "truncate":  # the authors' way: cut, and end on the end token
@@ -1512,28 +1506,17 @@ def add_entropies_batch(rows, ref_model, pad_id, device):
     return out
 
 
-def cache_dir(kind):
-    """$SEGMENT_RLHF_CACHE/kind (default ~/.cache/segment_rlhf/kind): caches never go into a
-    model folder, which push_to_hub would upload whole."""
-    home = os.path.join(os.path.expanduser("~"), ".cache", "segment_rlhf")
-    path = os.path.join(os.environ.get("SEGMENT_RLHF_CACHE") or home, kind)
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-def add_entropies(ds, args, accelerator, model_path, tokenizer):
-    """Reference entropies for every pair, cached on disk with the data: segmentation depends only
-    on the frozen reference model, so it costs one forward per example for the whole run."""
-    # The cache key: the encoded data's fingerprint and the reference model (a retrained one too).
-    local = os.path.isdir(model_path)
-    stamp = os.path.getmtime(os.path.join(model_path, "config.json")) if local else 0
-    key = json.dumps([ds._fingerprint, os.path.abspath(model_path) if local else model_path, stamp])
+def add_entropies(ds, args, accelerator, model_path, tokenizer, ref=None):
+    """Reference entropies for every pair, cached on disk: segmentation depends only on the
+    frozen reference model, so it costs one forward per example for the whole run. The cache
+    is keyed on what it depends on: the encoded data and the reference model's weights."""
+    key = json.dumps([ds._fingerprint, stamp(model_path)])
     name = f"entropy-{hashlib.sha1(key.encode()).hexdigest()[:16]}.arrow"
     cache = os.path.join(cache_dir("entropy"), name)
     with accelerator.main_process_first():  # the main process computes, the others read its file
-        ref = None
-        if not os.path.exists(cache):
-            ref = load_model(model_path, "causal", args.bf16).to(accelerator.device).eval()
+        if ref is None and not os.path.exists(cache):
+            ref = load_model(model_path, "causal", args.bf16).eval()
+        ref = ref and ref.to(accelerator.device)
         return ds.map(
             lambda rows: add_entropies_batch(rows, ref, tokenizer.pad_token_id, accelerator.device),
             batched=True,
@@ -1561,12 +1544,10 @@ def pair_collate(pad_id, bandit):
             "attention_mask": pad_right([[1] * len(s) for s in seqs], 0),
             "content_mask": (pos >= start) & (pos < stop),
         }
+        batch["entropy"] = torch.zeros(batch["input_ids"].shape)  # bandit: not needed
         if "chosen_entropy" in rows[0]:
             ents = [r["chosen_entropy"] for r in rows] + [r["rejected_entropy"] for r in rows]
-            ents = [[0.0] * len(p) + e for p, e in zip(prompts, ents)]
-            batch["entropy"] = pad_right(ents, 0.0)
-        else:
-            batch["entropy"] = torch.zeros(batch["input_ids"].shape)  # bandit: not needed
+            batch["entropy"] = pad_right([[0.0] * len(p) + e for p, e in zip(prompts, ents)], 0.0)
         return batch
 
     return collate
@@ -1640,15 +1621,21 @@ def decode_responses(tokenizer, response, mask, stop):
 
 
 # ----------------------------------------------------------------------------------------------
-# Models: loading with dropout off, forward with position ids, LoRA, optimizer, saving.
+# Models: loading (each folder checked as it loads), forward with position ids, LoRA, optimizer,
+# saving.
+
+
+def is_hub_id(path):
+    """org/name, and nothing on disk by that name: a local path is never taken for a hub id."""
+    return bool(re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path)) and not os.path.exists(path)
 
 
 def model_folder(path):
     """A model directory or hub id as it is; a .gguf file converted once into a plain folder."""
-    if path.endswith(".gguf"):
-        return gguf_folder(path)
-    if not os.path.isdir(path) and not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
-        fail(f"model {path!r} does not exist (pass a directory or a hub id like org/name)")
+    if path.endswith(".gguf") and os.path.isfile(path):
+        return gguf_folder(os.path.abspath(path))
+    if not os.path.isdir(path) and not is_hub_id(path):
+        fail(f"model {path!r} does not exist (pass a directory, a .gguf file or a hub id)")
     return path
 
 
@@ -1657,97 +1644,27 @@ def gguf_folder(path):
     first use: transformers reads GGUF (with the `gguf` package) into an ordinary model with its
     tokenizer and chat template, but will not save it as loaded, so the folder is written once
     without the GGUF marking and every later load is a plain from_pretrained."""
-    path = os.path.abspath(path)
-    if not os.path.isfile(path):
-        fail(f"model file {path!r} does not exist")
-    stamp = f"{path}:{os.path.getsize(path)}:{os.path.getmtime(path)}"
     name = os.path.basename(path)[: -len(".gguf")]
     folder = os.path.join(
-        cache_dir("gguf"), f"{name}-{hashlib.sha1(stamp.encode()).hexdigest()[:12]}"
+        cache_dir("gguf"),
+        f"{name}-{hashlib.sha1(json.dumps(stamp(path)).encode()).hexdigest()[:12]}",
     )
-    if os.path.exists(os.path.join(folder, "config.json")):
-        return folder
-    try:
-        import gguf  # noqa: F401  (transformers reads GGUF files through it)
-    except ImportError:
-        fail(f"{path} is a GGUF file: reading it needs the gguf package (pip install gguf)")
-    print(f"converting {path} into {folder} (once) ...", file=sys.stderr)
-    where, file = os.path.dirname(path), os.path.basename(path)
-    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=file)
-    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=file, dtype=torch.float32)
-    model.hf_quantizer.remove_quantization_config(model)  # the weights are plain float32 already
-    tmp = f"{folder}.tmp{os.getpid()}"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, folder)
+    if not os.path.exists(folder):
+        import gguf  # noqa: F401  (transformers reads GGUF files through it: checked first)
+
+        print(f"converting {path} into {folder} (once) ...", file=sys.stderr)
+        where, file = os.path.dirname(path), os.path.basename(path)
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=file)
+        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=file, dtype=torch.float32)
+        model.hf_quantizer.remove_quantization_config(model)  # the weights are plain float32
+        with atomic(folder) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     return folder
 
 
-WEIGHTS = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-
-
-def check_model_dir(path, kind="backbone"):
-    """A local model folder, checked before any run directory is written: a readable config and
-    complete weights (safetensors headers are read, not the tensors). kind 'causal': not a reward
-    model (its LM head was never trained); 'reward': holds the scalar head `score.weight`, which
-    from_pretrained would otherwise fill with random values, giving random rewards."""
-    path = model_folder(path)
-    if not os.path.isdir(path):
-        return  # a hub id: from_pretrained checks it
-    config = read_json(os.path.join(path, "config.json"), "model config")
-    value_model = any("ForSequenceClassification" in a for a in config.get("architectures") or [])
-    if kind == "causal" and (value_model or os.path.exists(os.path.join(path, SETTINGS_FILE))):
-        fail(f"{path} is a reward / value model; --model needs the SFT (causal LM) model")
-    names = weight_names(path)
-    heads = [n for n in names or [] if n.split(".")[-2:] == ["score", "weight"]]
-    if kind == "reward" and names is not None and not heads:
-        other = [n for n in names if "head" in n and "lm_head" not in n]
-        found = f" (found {', '.join(other)}: rename it to score.weight)" if other else ""
-        fail(f"reward model {path} has no scalar head score.weight in its weights{found}")
-
-
-def weight_names(path):
-    """Tensor names of a model folder's weights (None for .bin files), failing on missing or
-    damaged files."""
-    files = [name for name in WEIGHTS if os.path.isfile(os.path.join(path, name))]
-    if not files:
-        fail(f"model {path} has no weights ({', '.join(WEIGHTS)}); is the folder complete?")
-    if files[0].endswith(".bin"):
-        return None  # reading names would load the tensors
-    if files[0].endswith(".index.json"):
-        index = read_json(os.path.join(path, files[0]), "weights index")
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict):
-            fail(f"the weights index {os.path.join(path, files[0])} has no weight_map")
-        for shard in sorted(set(weight_map.values())):
-            safetensors_names(os.path.join(path, shard))
-        return list(weight_map) if files[0].startswith("model.") else None
-    return safetensors_names(os.path.join(path, files[0]))
-
-
-def safetensors_names(file):
-    if not file.endswith(".safetensors"):
-        if not os.path.isfile(file):
-            fail(f"weights file {file} is missing; is the folder complete?")
-        return None
-    try:
-        with safe_open(file, "pt") as f:
-            return list(f.keys())
-    except (SafetensorError, OSError) as e:
-        fail(f"could not read the weights {file} ({e}); it is damaged or truncated: copy it again")
-
-
 def load_tokenizer(path):
-    path = model_folder(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        fail(f"could not load a tokenizer from {path!r}: {str(e).splitlines()[0]}")
+    tokenizer = AutoTokenizer.from_pretrained(model_folder(path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # pad == eos is fine: masks mark the padding
     if tokenizer.chat_template is None:
@@ -1756,10 +1673,11 @@ def load_tokenizer(path):
 
 
 def load_model(path, kind="causal", bf16=False):
-    """kind: 'causal' (policy, reference) or 'value' (backbone + linear head -> 1, no bias:
-    reward model and critic, the layout of AutoModelForSequenceClassification(num_labels=1))."""
+    """kind: 'causal' (policy, reference), 'value' (backbone + a linear head -> 1, no bias, the
+    layout of AutoModelForSequenceClassification(num_labels=1), fresh for a critic or a reward
+    model to train) or 'reward' (the same, whose head must be in the weights). Loading is the
+    check of a model folder: a missing, damaged or mismatched file fails here, with one line."""
     path = model_folder(path)
-    check_model_dir(path)
     auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     try:
         config = AutoConfig.from_pretrained(path, num_labels=1)
@@ -1768,13 +1686,56 @@ def load_model(path, kind="causal", bf16=False):
             if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
                 setattr(config, key, 0.0)
         dtype = torch.bfloat16 if bf16 else torch.float32
-        model = auto.from_pretrained(path, config=config, dtype=dtype)
-    except (OSError, ValueError, SafetensorError) as e:
-        fail(f"could not load model {path!r}: {str(e).splitlines()[0]}")
+        with quiet_loading():
+            model, info = auto.from_pretrained(
+                path,
+                config=config,
+                dtype=dtype,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported below, by name
+            )
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        hint = "; the weights are damaged or truncated" if isinstance(e, SafetensorError) else ""
+        fail(f"could not load model {path!r}: {first_line(e)}{hint}")
+    for name, saved, needed in info["mismatched_keys"]:
+        fail(f"model {path}: {name} has shape {list(saved)}, the model needs {list(needed)}")
+    heads = {k for k in info["unexpected_keys"] if "score" in k or "head" in k} - {"lm_head.weight"}
+    if kind == "causal" and any(k.endswith("score.weight") for k in info["unexpected_keys"]):
+        fail(f"{path} is a reward / value model; --model needs the SFT (causal LM) model")
+    if kind == "reward" and "score.weight" in info["missing_keys"]:
+        found = f" (found {', '.join(sorted(heads))}: rename it to score.weight)" if heads else ""
+        fail(f"reward model {path} has no scalar head score.weight in its weights{found}")
     if model.config.pad_token_id is None:
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos if isinstance(eos, int) else 0
     return model
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """transformers' load report lists a fresh scalar head as MISSING, which reads like an error:
+    load_model checks the loading info itself, so the report is not shown."""
+    logger = transformers_logging.get_logger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(40)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def load_scorers(ref_path, rm_path, bf16=False, with_ref=True):
+    """The tokenizer, the frozen reference model (with_ref) and the frozen reward model (none
+    for an empty rm_path), which must share one tokenizer: else the rewards are garbage."""
+    tokenizer = load_tokenizer(ref_path)
+    if rm_path and load_tokenizer(rm_path).get_vocab() != tokenizer.get_vocab():
+        fail(
+            f"the reward model {rm_path} and the model {ref_path} use different tokenizers; "
+            "they must share one"
+        )
+    ref = load_model(ref_path, "causal", bf16).eval().requires_grad_(False) if with_ref else None
+    rm = load_model(rm_path, "reward", bf16).eval().requires_grad_(False) if rm_path else None
+    return tokenizer, ref, rm
 
 
 def forward(model, input_ids, attention_mask, **kwargs):
@@ -1820,7 +1781,7 @@ def trainable(model, args, kind):
         try:
             model = get_peft_model(model, config)
         except ValueError as e:  # e.g. target modules the model does not have
-            fail(f"--lora-targets {args.lora_targets}: {str(e).splitlines()[0]}")
+            fail(f"--lora-targets {args.lora_targets}: {first_line(e)}")
         for p in model.parameters():  # base weights stay frozen (bf16); what trains is fp32
             p.data = p.data.float() if p.requires_grad else p.data
     return model
@@ -1840,29 +1801,30 @@ def make_optimizer(model, args, total_steps):
 
 
 def save_model(accelerator, model, tokenizer, output_dir):
-    """save_pretrained output: loads with the standard Auto classes."""
+    """save_pretrained output, which loads with the standard Auto classes. Written aside and then
+    moved in: a failed save (disk full) leaves no half-written weights."""
     state_dict = accelerator.get_state_dict(model)  # every process: FSDP gathers its shards here
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model)
         if hasattr(model, "merge_and_unload"):  # LoRA: merge the adapters into plain weights
             model, state_dict = model.merge_and_unload(), None
-        # Written aside, then moved in: a failed save (disk full) leaves no half-written weights.
         tmp = os.path.join(output_dir, "model.tmp")
         try:
             model.save_pretrained(tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
             for name in os.listdir(tmp):
                 os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-            os.rmdir(tmp)
-        except OSError as e:
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            last = latest_checkpoint(output_dir) or "none (pass --save-every N to keep some)"
-            fail(f"could not save the model in {output_dir} ({e}); last checkpoint: {last}")
     accelerator.wait_for_everyone()
 
 
 # ----------------------------------------------------------------------------------------------
-# Runs: accelerate set-up, output directories, metrics, checkpoints and resuming.
+# Runs, by four mechanisms (README: nothing lost): one rule for every path written
+# (output_path), every file written atomically (atomic), a run is finished or it is not
+# (start_run, finish_run, result.json), and one error boundary (main).
+
+RUN = {}  # the run this process is writing: given and real directory, lock, whether it made it
 
 
 def make_accelerator(args):
@@ -1888,10 +1850,6 @@ def quiet():
     return int(os.environ.get("LOCAL_RANK", "0")) != 0
 
 
-def lap(start):
-    return time.perf_counter() - start
-
-
 def reduce_dict(accelerator, values, op):
     """{name: scalar tensor or number} -> {name: float}, summed or averaged over processes in
     one collective call (one host sync)."""
@@ -1902,92 +1860,136 @@ def reduce_dict(accelerator, values, op):
     return dict(zip(values, accelerator.reduce(stacked, op).tolist()))
 
 
-def prepare_output_dir(args, command, accelerator, inputs=()):
-    """Claim the run directory; every check runs before anything is written. Never a directory
-    the script did not write, nor one that is or holds an input; an unfinished run (checkpoints)
-    goes on only with --resume and its own flags; a finished one is replaced only once the new
-    run is complete: the new run is written to OUT.incomplete and renamed in finish_run."""
-    final, staged = args.output_dir, args.output_dir + ".incomplete"
-    saved = run_args(args, command)
-    for path in inputs:
-        if path and os.path.exists(path) and overlaps(final, path):
-            fail(f"--output-dir {final} would overwrite the input {path}; pass another one")
-    if args.resume and os.path.isfile(os.path.join(staged, "args.json")):
-        run_dir_mode(staged, saved, args)  # an interrupted replacement: go on with it
+def cache_dir(kind):
+    """$SEGMENT_RLHF_CACHE/kind (default ~/.cache/segment_rlhf/kind): caches never go into a
+    model folder, which push_to_hub would upload whole."""
+    home = os.path.join(os.path.expanduser("~"), ".cache", "segment_rlhf")
+    path = os.path.join(os.environ.get("SEGMENT_RLHF_CACHE") or home, kind)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def stamp(path):
+    """What an input's content is known by, cheaply: the names, sizes and modification times of
+    a file, or of a model folder's weights and config; a hub id is its own stamp."""
+    if not path or not os.path.exists(path):
+        return path
+    files = [path]
+    if os.path.isdir(path):
+        names = [n for n in sorted(os.listdir(path)) if n.endswith((".safetensors", ".bin"))]
+        files = [os.path.join(path, n) for n in ["config.json", *names]]
+    return [[os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
+
+
+def output_path(path, inputs, flag, kind="file"):
+    """The one rule for every path a command writes: resolved (symlinks, '..', a trailing '/')
+    before anything is built from it, never an input nor inside or around one, and of its kind:
+    a file in an existing, writable folder, or a folder."""
+    real = os.path.realpath(path)
+    if kind == "folder" and os.path.isfile(real):
+        fail(f"{flag} {path} is a file; pass a directory")
+    if kind == "file" and (os.path.isdir(real) or not os.access(os.path.dirname(real), os.W_OK)):
+        fail(f"{flag} {path} cannot be written: a folder, or its folder is missing or read-only")
+    for p in inputs:
+        if p and os.path.exists(p) and overlaps(real, os.path.realpath(p)):
+            fail(f"{flag} {path} would overwrite the input {p}; pass another one")
+    return real
+
+
+def overlaps(a, b):
+    """Whether resolved path a is b, or one holds the other."""
+    return os.path.commonpath([a, b]) in (a, b)
+
+
+def same_path(a, b):
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def start_run(args, command, accelerator, inputs, in_place=False):
+    """Claim --output-dir for this run, checking everything before anything is written. Writes
+    go to OUT itself when it is new or resumed, else to OUT.incomplete, which takes OUT's place
+    only once the run is complete (finish_run). Returns the saved result, and does nothing else,
+    when OUT holds this very run, finished (same flags, same inputs)."""
+    inputs = [] if in_place else inputs
+    final = output_path(args.output_dir, inputs, "--output-dir", kind="folder")
+    staged, aside = final + ".incomplete", final + ".replaced"
+    for path in (staged, aside, final + ".lock"):  # what a run writes beside OUT, by the same rule
+        output_path(path, inputs, "--output-dir", kind="")
+    skip = ("overwrite", "resume", "save_every")  # a run is the same run whatever these say
+    record = {"command": command}
+    record |= {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+    record = {k: v for k, v in record.items() if k not in skip}
+    record["inputs"] = {p: stamp(p) for p in inputs if p}
+    work = staged if args.resume and os.path.isfile(os.path.join(staged, "args.json")) else final
+    mode = "in place" if in_place else run_mode(work, record, args)
+    if mode == "finished":
+        print(
+            f"{final} holds this run, finished; pass --overwrite to run it again", file=sys.stderr
+        )
+        return read_json(os.path.join(final, "result.json"), "run result")
+    if mode == "replace" and work == final:
+        run_mode(staged, record, args)  # an abandoned earlier attempt may be cleared, no more
+        if os.path.exists(aside) and not os.path.isfile(os.path.join(aside, "args.json")):
+            fail(f"{aside} is in the way (not written by segment_rlhf.py); move it")
         work = staged
-    elif run_dir_mode(final, saved, args) == "replace":
-        run_dir_mode(staged, saved, args)  # an abandoned earlier attempt may be cleared, no more
-        if os.path.exists(final + ".replaced") and not ours(final + ".replaced"):
-            fail(f"{final}.replaced is in the way (not written by segment_rlhf.py); move it")
-        work = staged
-    else:
-        work = final
-    args.final_dir, args.output_dir = final, work
-    if args.resume and checkpoints(work):
-        check_checkpoint(latest_checkpoint(work))
     # Every process has judged the directory as it was: only now may the main process change it
     # (else a process that looks later finds the new args.json and takes the run for a replacement).
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        lock = FileLock(final + ".lock", timeout=0)  # released by the system if the process dies
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
-        except OSError as e:
-            fail(f"cannot create the folder of --output-dir {final}: {e.strerror}")
-        take_lock(final + ".lock")
-        fresh = work == staged and not args.resume
-        if fresh:
-            shutil.rmtree(staged, ignore_errors=True)
-        args.created = fresh or not os.path.exists(work)
-        try:
-            os.makedirs(work, exist_ok=True)
-        except OSError as e:
-            fail(f"cannot create --output-dir {final}: {e.strerror}")
-        write_json(os.path.join(work, "args.json"), saved)
-        if not (args.resume and checkpoints(work)):  # no stale rows from an earlier attempt
-            open(os.path.join(work, "metrics.jsonl"), "w").close()
+            lock.acquire()
+        except Timeout:
+            fail(f"{final} is in use by another run; wait for it to finish")
+        RUN["lock"] = lock
+    RUN.update(given=args.output_dir, final=final, work=work, created=False, in_place=in_place)
+    if accelerator.is_main_process:
+        if mode != "in place":
+            if mode == "replace" or not os.path.isdir(work):
+                shutil.rmtree(work, ignore_errors=True)
+                os.makedirs(work)
+                RUN["created"] = True
+            write_json(os.path.join(work, "args.json"), record)
+            if not (args.resume and checkpoints(work)):  # no stale rows from an earlier attempt
+                open(os.path.join(work, "metrics.jsonl"), "w").close()
     accelerator.wait_for_everyone()
+    args.output_dir = work
+    return None
 
 
-def run_args(args, command):
-    """The flags a run is defined by, as saved in its args.json."""
-    skip = ("overwrite", "resume", "save_every", "final_dir", "created")
-    return {
-        "command": command,
-        **{k: v for k, v in dataclasses.asdict(args).items() if k not in skip},
-    }
-
-
-def overlaps(a, b):
-    """Whether path a is path b, or one holds the other."""
-    a, b = os.path.realpath(a), os.path.realpath(b)
-    return os.path.commonpath([a, b]) in (a, b)
-
-
-def ours(path):
-    """A directory this script wrote (it has args.json), or an empty one."""
-    if not os.path.isdir(path):
-        return False
-    return not os.listdir(path) or os.path.isfile(os.path.join(path, "args.json"))
-
-
-def run_dir_mode(path, saved, args):
-    """'new' (absent or empty), 'resume' or 'replace' for the run `saved` in `path`; else fail."""
-    if os.path.exists(path) and not os.path.isdir(path):
+def run_mode(path, record, args):
+    """What to do with `path` for the run `record`: 'new' (absent or empty), 'resume',
+    'replace' or 'finished'; fails for a directory that must be left as it is."""
+    if os.path.isfile(path):
         fail(f"--output-dir {path} is a file; pass a directory")
     if not os.path.isdir(path) or not os.listdir(path):
         return "new"
-    if not ours(path):
+    if not os.path.isfile(os.path.join(path, "args.json")):
         fail(
             f"{path} is not empty and was not written by segment_rlhf.py; pass another --output-dir"
         )
     old = read_json(os.path.join(path, "args.json"), "run settings")
-    if args.resume and old != saved:
-        flags = [f.name for f in dataclasses.fields(args) if f.init]  # not the derived sizes
-        changed = [k for k in ["command", *flags] if old.get(k) != saved.get(k)]
-        diff = ", ".join(
-            f"--{k.replace('_', '-')} {saved.get(k)} (was {old.get(k)})" for k in changed
+    if old != record and args.resume:
+        flags = [
+            f"--{k.replace('_', '-')} {record.get(k)} (was {old.get(k)})"
+            for k in dict.fromkeys([*record, *old])
+            if old.get(k) != record.get(k) and k != "inputs"
+        ]
+        inputs = {**old.get("inputs", {}), **record["inputs"]}
+        flags += [
+            f"{p} changed"
+            for p in inputs
+            if old.get("inputs", {}).get(p) != record["inputs"].get(p)
+        ]
+        fail(
+            f"--resume: {path} was written with other flags or inputs: {', '.join(flags)}; "
+            "rerun with its flags"
         )
-        fail(f"--resume: {path} was written with other flags: {diff}; rerun with its flags")
+    if old != record and not args.overwrite:
+        fail(f"{path} holds a different run; pass --overwrite or another --output-dir")
+    if old == record and os.path.isfile(os.path.join(path, "result.json")) and not args.overwrite:
+        return "finished"
     if args.resume:
         return "resume"
     if checkpoints(path) and not args.overwrite:
@@ -1995,91 +1997,39 @@ def run_dir_mode(path, saved, args):
             f"{path} holds checkpoints of an unfinished run; pass --resume to continue, or "
             "--overwrite to start again"
         )
-    if old != saved and not args.overwrite:
-        fail(f"{path} holds a different run; pass --overwrite or another --output-dir")
     return "replace"
 
 
-def take_lock(path):
-    """One run per directory: a lock file holding the pid; one whose process is gone is stale."""
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            pid = lock_owner(path)
-            if pid is not None:
-                fail(
-                    f"{path[: -len('.lock')]} is in use by another run (process {pid}); wait for "
-                    f"it, or remove {path} if that process is not ours"
-                )
-            continue
-        except OSError as e:
-            fail(f"cannot write beside --output-dir ({path}): {e.strerror}")
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return
-    fail(f"could not take the lock {path}; remove it if no run is using that directory")
-
-
-def lock_owner(path):
-    """The live process holding the lock at `path`, or None (after removing a stale lock)."""
-    try:
-        with open(path) as f:
-            pid = int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        pid = 0
-    alive = pid > 0 and pid != os.getpid()  # our own pid: left by a failed run in this process
-    try:
-        os.kill(pid, 0) if alive else None
-    except ProcessLookupError:
-        alive = False
-    except PermissionError:  # another user's live process
-        pass
-    if alive:
-        return pid
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-    return None
-
-
-def release_lock(final_dir):
-    path = final_dir + ".lock"
-    try:
-        with open(path) as f:
-            mine = f.read().strip() == str(os.getpid())
-        if mine:
-            os.remove(path)
-    except OSError:
-        pass
-
-
-def finish_run(args, accelerator):
-    """The run is complete: a staged run takes the old one's place (renamed aside, then removed),
-    and the lock is released."""
+def finish_run(args, accelerator, result):
+    """The run is complete: its result is saved, a staged run takes the old one's place (renamed
+    aside, then removed), and the lock is released. Returns the result."""
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process and args.output_dir != args.final_dir:
-        aside = args.final_dir + ".replaced"
-        shutil.rmtree(aside, ignore_errors=True)
-        if os.path.isdir(args.final_dir):
-            os.replace(args.final_dir, aside)
-        os.replace(args.output_dir, args.final_dir)
-        shutil.rmtree(aside, ignore_errors=True)
+    if accelerator.is_main_process and not RUN["in_place"]:
+        write_json(os.path.join(RUN["work"], "result.json"), result)
+        if RUN["work"] != RUN["final"]:
+            aside = RUN["final"] + ".replaced"
+            shutil.rmtree(aside, ignore_errors=True)
+            if os.path.isdir(RUN["final"]):
+                os.replace(RUN["final"], aside)
+            os.replace(RUN["work"], RUN["final"])
+            shutil.rmtree(aside, ignore_errors=True)
     accelerator.wait_for_everyone()
-    args.output_dir = args.final_dir
-    args.created = False
-    release_lock(args.final_dir)
+    args.output_dir = RUN["given"]
+    RUN["created"] = False
+    close_run()
+    return result
 
 
-def close_run(args):
-    """After a failed run: remove the directory it created unless a checkpoint can resume it."""
-    final = getattr(args, "final_dir", "")
-    if not final:
-        return
-    if args.created and not checkpoints(args.output_dir):
-        shutil.rmtree(args.output_dir, ignore_errors=True)
-    release_lock(final)
+def close_run():
+    """After a run, finished or not: a directory it created goes unless a checkpoint can resume
+    it; the lock is released."""
+    if RUN.get("created") and not checkpoints(RUN["work"]):
+        shutil.rmtree(RUN["work"], ignore_errors=True)
+    if "lock" in RUN:
+        RUN["lock"].release()
+        with contextlib.suppress(OSError):
+            os.remove(RUN["final"] + ".lock")
+    RUN.clear()
 
 
 def read_json(path, what):
@@ -2094,11 +2044,24 @@ def read_json(path, what):
     return value
 
 
+@contextlib.contextmanager
+def atomic(path):
+    """Yields a temporary name beside `path`, renamed to `path` when the block succeeds: a
+    failure at any byte (a full disk, a kill) leaves the old file or folder, or none."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.lexists(tmp):
+            os.remove(tmp)
+
+
 def write_json(path, value):
-    """Written under a temporary name and renamed: a crash never leaves half a file."""
-    with open(path + ".tmp", "w") as f:
+    with atomic(path) as tmp, open(tmp, "w") as f:
         json.dump(value, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def log_metrics(args, accelerator, row):
@@ -2116,26 +2079,18 @@ def checkpoints(output_dir):
     return [os.path.join(output_dir, f"checkpoint-{step}") for step in steps]
 
 
-def latest_checkpoint(output_dir):
-    return (checkpoints(output_dir) or [None])[-1]
-
-
 def save_checkpoint(accelerator, args, state):
     """Models, optimizers, schedulers and RNG states (accelerate's save_state) plus `state` (step,
-    data position, ...), written to a temporary directory and then renamed: a crash never leaves
-    half a checkpoint. Only the newest is kept."""
+    data position, ...), written to checkpoint-N.tmp and renamed: a crash never leaves half a
+    checkpoint. Only the newest is kept, the older deleted once it is complete (accelerate's own
+    rotation, total_limit, deletes the old one before writing the new)."""
     path = os.path.join(args.output_dir, f"checkpoint-{state['step']}")
-    last = latest_checkpoint(args.output_dir) or "none"
-    try:
-        accelerator.save_state(path + ".tmp")
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            with open(os.path.join(args.output_dir, "metrics.jsonl")) as f:
-                state["metrics_rows"] = sum(1 for _ in f)
-            write_json(os.path.join(path + ".tmp", "state.json"), state)
-    except OSError as e:  # disk full, say: the last complete checkpoint is still there
-        fail(f"could not write {path} ({e}); last good checkpoint: {last}")
+    accelerator.save_state(path + ".tmp")
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "metrics.jsonl")) as f:
+            state["metrics_rows"] = sum(1 for _ in f)
+        write_json(os.path.join(path + ".tmp", "state.json"), state)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(path + ".tmp", path)
         for old in checkpoints(args.output_dir):
@@ -2146,58 +2101,38 @@ def save_checkpoint(accelerator, args, state):
 
 def load_checkpoint(accelerator, args):
     """--resume: restore the newest checkpoint and drop the metrics rows logged after it."""
-    path = latest_checkpoint(args.output_dir)
+    path = (checkpoints(args.output_dir) or [None])[-1]
     if path is None:
         print(
             f"--resume: no checkpoint in {args.output_dir}, starting from the beginning",
             file=sys.stderr,
         )
         return None
-    state = check_checkpoint(path)
+    state = read_json(os.path.join(path, "state.json"), "checkpoint state")
     try:
+        rows = state["metrics_rows"] + 0
         accelerator.load_state(path)
-    except (OSError, RuntimeError, EOFError, ValueError, SafetensorError, pickle.PickleError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        fail(f"checkpoint {path} is damaged ({first}); remove it to resume from none")
+    except (KeyError, TypeError, OSError, RuntimeError, ValueError, SafetensorError) as e:
+        fail(f"checkpoint {path} is damaged ({first_line(e)}); remove it to resume from none")
     if accelerator.is_main_process:
         metrics = os.path.join(args.output_dir, "metrics.jsonl")
         with open(metrics) as f:
-            rows = f.readlines()[: state["metrics_rows"]]
+            kept = f.readlines()[:rows]
         with open(metrics, "w") as f:
-            f.writelines(rows)
+            f.writelines(kept)
     print(f"resumed from {path}", file=sys.stderr)
     return state
 
 
-def check_checkpoint(path):
-    """Before any work: the checkpoint's state and the headers of its weights are readable."""
-    state = read_json(os.path.join(path, "state.json"), "checkpoint state")
-    if not isinstance(state.get("step"), int) or not isinstance(state.get("metrics_rows"), int):
-        fail(f"checkpoint {path} is incomplete (state.json); remove it to resume from none")
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            try:
-                with safe_open(os.path.join(path, name), "pt"):
-                    pass
-            except (SafetensorError, OSError) as e:
-                fail(f"checkpoint {path} is damaged ({name}: {e}); remove it to resume from none")
-    return state
-
-
-def check_finite(accelerator, value, what, step, args):
+def check_finite(accelerator, value, what, step):
     """Stop before a non-finite loss or reward reaches the weights (one host sync a step)."""
     if not torch.isfinite(accelerator.reduce(value.detach().float().sum(), "sum")):
-        last = latest_checkpoint(args.output_dir) or "none (pass --save-every N to keep some)"
-        fail(f"non-finite {what} at step {step}; last good checkpoint: {last}")
+        fail(f"non-finite {what} at step {step}")
 
-
-# ----------------------------------------------------------------------------------------------
-# Reward model settings and the paper's presets.
 
 # The paper's runs: model, cutoff c, end token, episodes, released reward models, the authors'
 # fitted normalizers (a_mu, a_sigma, b_mu, b_sigma) at c and at c = 0, the bandit's (mean, std),
-# and the reward tweaks of their runs by reward mode (see end_penalty_rewards and
-# length_normalized_rewards).
+# and the reward tweaks of their runs by reward mode (see token_rewards).
 PAPER_MODELS = {
     "phi3-mini": dict(
         model="microsoft/Phi-3-mini-4k-instruct",
@@ -2286,16 +2221,18 @@ PAPER_BOTH = dict(bf16=True, gradient_checkpointing=True, min_lr_ratio=0.1, head
 
 
 def preset_defaults(name, command):
-    """Flag defaults for `command` under preset `name`."""
+    """Flag defaults for `command` under preset `name`. A preset's train-rm writes its reward model
+    to runs/<preset>-segment-rm; its ppo uses the released one (--reward-model names another)."""
     if name not in PAPER_MODELS:
         fail(f"unknown --preset {name!r}; choose from {', '.join(PAPER_MODELS)}")
     m = PAPER_MODELS[name]
     common = {"model": m["model"], "end_token": m["end_token"]}
-    rm = m["rm"].format("segment") if m["rm"] else f"runs/{name}-segment-rm"
+    trained = f"runs/{name}-segment-rm"
     if command == "train-rm":
-        sizes = {**m.get("rm_sizes", {}), "entropy_threshold": m["c"], "output_dir": rm}
+        sizes = {**m.get("rm_sizes", {}), "entropy_threshold": m["c"], "output_dir": trained}
         return {**PAPER_RM, **PAPER_BOTH, **common, **sizes}
     if command == "ppo":
+        rm = m["rm"].format("segment") if m["rm"] else trained
         sizes = {**m.get("ppo_sizes", {}), "episodes": m["episodes"], "reward_model": rm}
         return {**PAPER_PPO, **PAPER_BOTH, **common, **sizes, "output_dir": f"runs/{name}-ppo"}
     return common
@@ -2303,14 +2240,17 @@ def preset_defaults(name, command):
 
 def released_rm_settings(path):
     """Settings of the authors' released reward models, which ship without ours: by hub id, or a
-    local snapshot (a folder named after the model, or the hub cache's models--yyqoni--NAME),
-    whose config's mean / std (OpenRLHF writes them there) then win over the table's."""
+    local copy (a folder named after the model, or its snapshot in the hub cache, as
+    huggingface_hub finds it), whose config's mean / std (OpenRLHF's) win over the table's."""
     for m in (m for m in PAPER_MODELS.values() if m["rm"]):
-        for kind, c in (("segment", m["c"]), ("token", 0.0), ("bandit", float("inf"))):
+        for kind, c in (("segment", m["c"]), ("token", 0.0), ("bandit", math.inf)):
             repo = m["rm"].format(kind)
-            folder = os.path.basename(os.path.normpath(path))
-            local = os.path.isdir(path)
-            local &= folder == repo.split("/")[1] or "models--" + repo.replace("/", "--") in path
+            cached = try_to_load_from_cache(repo, "config.json")
+            local = os.path.isdir(path) and (
+                os.path.basename(os.path.normpath(path)) == repo.split("/")[1]
+                or isinstance(cached, str)
+                and same_path(os.path.dirname(cached), path)
+            )
             if path != repo and not local:
                 continue
             mean, std = m["bandit"]
@@ -2328,18 +2268,20 @@ def released_rm_settings(path):
     return None
 
 
-def released_settings_or_fail(path):
-    settings = released_rm_settings(path)
-    if settings is None:
-        fail(
-            f"reward model {path!r} has no {SETTINGS_FILE} (segmentation settings); train it "
-            "with train-rm or use --preset"
-        )
-    return settings
-
-
-def check_rm_settings(file, settings):
-    """A settings file someone may have edited: the keys the commands read, numbers finite."""
+def load_rm_settings(path):
+    """Segmentation settings and normalizer of a reward model, checked once, here: `segment_rlhf`
+    in its config.json (with OpenRLHF's mean / std beside it), or the released models' table."""
+    file = os.path.join(path, "config.json")
+    config = read_json(file, "model config") if os.path.isfile(file) else {}
+    if "segment_rlhf" not in config:
+        settings = released_rm_settings(path)
+        if settings is None:
+            fail(
+                f"reward model {path!r} has no segment_rlhf settings in its config.json; train "
+                "it with train-rm or use --preset"
+            )
+        return settings
+    settings = {**config["segment_rlhf"], **{k: config[k] for k in ("mean", "std") if k in config}}
     missing = [
         k for k in ("entropy_threshold", "reference_model", "end_token") if k not in settings
     ]
@@ -2355,6 +2297,13 @@ def check_rm_settings(file, settings):
     numbers = [*(norm or []), *(settings[k] for k in ("mean", "std") if k in settings)]
     if not all(is_number(v) and math.isfinite(v) for v in numbers):
         fail(f"{file}: the normalizer holds non-finite or non-numeric values; refit with fit-norm")
+    ref = settings["reference_model"]
+    if ref.startswith("."):  # stored relative to the reward model (write_rm_settings)
+        ref = os.path.abspath(os.path.join(path, ref))
+        settings["reference_model"] = (
+            ref if os.path.isdir(ref) else settings.get("reference_model_was", ref)
+        )
+    return settings
 
 
 def is_number(value):
@@ -2362,22 +2311,26 @@ def is_number(value):
 
 
 def write_rm_settings(rm_dir, settings, backup=False):
-    """Settings beside the reward model, and the same in its config.json (with mean / std at the
-    top level, as OpenRLHF writes them), so the folder alone carries them. A local reference
-    model is stored relative to the reward model, so a folder holding both can move; a backup
-    keeps the previous settings file when asked for."""
+    """The settings go into the reward model's config.json, their one home: `segment_rlhf`, with
+    mean / std at the top level, as OpenRLHF writes them. A local reference model is stored
+    relative to the reward model, so a folder holding both can move (and by its absolute path,
+    for a reward model copied elsewhere alone)."""
+    settings = dict(settings)
+    mean, std = settings.pop("mean"), settings.pop("std")
     ref = settings["reference_model"]
-    if os.path.isdir(ref):  # the absolute path too, for a reward model copied elsewhere alone
-        settings = {**settings, "reference_model_was": os.path.abspath(ref)}
-        ref = os.path.relpath(os.path.abspath(ref), os.path.abspath(rm_dir))
-    settings = {**settings, "reference_model": ref}
-    file = os.path.join(rm_dir, SETTINGS_FILE)
-    if backup and os.path.exists(file):
+    if os.path.isdir(ref):
+        settings["reference_model_was"] = os.path.abspath(ref)
+        settings["reference_model"] = os.path.relpath(os.path.abspath(ref), os.path.abspath(rm_dir))
+    file = os.path.join(rm_dir, "config.json")
+    config = read_json(file, "model config")
+    if backup:
         shutil.copy2(file, file + ".bak")
-    write_json(file, settings)
-    config = read_json(os.path.join(rm_dir, "config.json"), "model config")
-    config.update(segment_rlhf=settings, mean=settings["mean"], std=settings["std"])
-    write_json(os.path.join(rm_dir, "config.json"), config)
+    write_json(file, {**config, "segment_rlhf": settings, "mean": mean, "std": std})
+
+
+def has_settings(path):
+    file = os.path.join(path, "config.json")
+    return os.path.isfile(file) and "segment_rlhf" in read_json(file, "model config")
 
 
 def reference_model(args, settings):
@@ -2391,31 +2344,11 @@ def reference_model(args, settings):
     return path
 
 
-def load_rm_settings(path):
-    """Segmentation settings and normalizer of a reward model, checked: its segment_rlhf.json,
-    the same under `segment_rlhf` in its config.json, or the released models' table."""
-    file = os.path.join(path, SETTINGS_FILE)
-    config = os.path.join(path, "config.json")
-    if os.path.exists(file):
-        settings = read_json(file, "reward model settings")
-    elif os.path.exists(config) and "segment_rlhf" in read_json(config, "model config"):
-        file, settings = config, read_json(config, "model config")["segment_rlhf"]
-    else:
-        return released_settings_or_fail(path)
-    check_rm_settings(file, settings)
-    ref = settings["reference_model"]
-    if ref.startswith("."):  # stored relative to the reward model (write_rm_settings)
-        ref = os.path.abspath(os.path.join(path, ref))
-        where_it_was = settings.get("reference_model_was", ref)
-        settings["reference_model"] = ref if os.path.isdir(ref) else where_it_was
-    return settings
-
-
 def planned_rm_settings(args):
     """The reward model's settings; for one not trained yet (the toy's, or the one a preset's
     train-rm writes), those it will be trained with."""
     path, preset = args.reward_model, args.preset
-    if not os.path.exists(os.path.join(path, SETTINGS_FILE)):
+    if not os.path.isdir(path) or not has_settings(path):
         if path == TOY_RM:
             return {
                 "entropy_threshold": RMArgs.entropy_threshold,
@@ -2423,15 +2356,15 @@ def planned_rm_settings(args):
             }
         if preset and path == preset_defaults(preset, "train-rm")["output_dir"]:
             c = PAPER_MODELS[preset]["c"]
-            return {"entropy_threshold": c, "normalizer": "fitted by train-rm --preset"}
+            return {"entropy_threshold": c, "normalizer": f"fitted by train-rm --preset {preset}"}
     return load_rm_settings(path)
 
 
 def resolve_reward(args, settings):
-    """Reward mode (from the reward model's cutoff unless given) and value clip, checked."""
+    """Reward mode (from the reward model's cutoff unless given), value clip and the preset's
+    reward tweaks, checked."""
     c = settings["entropy_threshold"]
-    bandit = math.isinf(c)
-    trained = "bandit" if bandit else "token" if c == 0 else "segment"
+    trained = "bandit" if math.isinf(c) else "token" if c == 0 else "segment"
     args.reward_mode = args.reward_mode or trained
     # Each mode's normalizer belongs to its cutoff: a segment one applied per token is wrong.
     if args.reward_mode != trained:
@@ -2439,24 +2372,24 @@ def resolve_reward(args, settings):
             f"--reward-mode {args.reward_mode} does not fit a reward model trained with entropy "
             f"threshold {c}"
         )
-    if args.location_norm and "normalizer" not in settings:
+    if args.location_norm and "normalizer" not in settings and args.reward_mode != "bandit":
         fail(
             f"{args.reward_model} has no fitted normalizer: run fit-norm on it, or pass "
             "--no-location-norm"
         )
-    if math.isnan(args.value_clip):
+    if args.value_clip is None:
         args.value_clip = 0.2 if args.reward_mode == "bandit" else 0.25  # the paper's values
     recipe = PAPER_MODELS[args.preset]["recipe"] if args.preset else {}
     recipe = recipe.get(args.reward_mode, {})
     if args.length_norm is None:
         args.length_norm = recipe.get("length_norm", False)
-    if math.isnan(args.end_penalty):
-        args.end_penalty = recipe.get("end_penalty", 0.0)
+    if args.end_penalty is None:
+        args.end_penalty = recipe.get("end_penalty")
 
 
 def ensure_reward_model(args):
     """The reward model's settings; the toy reward model is trained on first use."""
-    if args.reward_model == TOY_RM and not os.path.exists(os.path.join(TOY_RM, SETTINGS_FILE)):
+    if args.reward_model == TOY_RM and not has_settings(TOY_RM):
         print(f"building the toy reward model in {TOY_RM} ...", file=sys.stderr)
         train_rm(resolve("train-rm", RMArgs(overwrite=True)))
     settings = load_rm_settings(args.reward_model)
@@ -2465,7 +2398,8 @@ def ensure_reward_model(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Seeing what the method sees: responses cut into their segments, shaded by reward; plots.
+# Seeing what the method sees: responses cut into their segments, with their rewards. The HTML
+# page and the normalizer plot are drawn by benchmarks/pictures.py.
 
 
 def segment_rewards(reward_model, conversations, model="", batch_size=16):
@@ -2481,22 +2415,18 @@ def segment_rewards(reward_model, conversations, model="", batch_size=16):
     of AutoModelForSequenceClassification reads one position and is not it. `model`: the
     reference model, when the one recorded in the settings has moved."""
     settings = load_rm_settings(reward_model)
-    ref_path = model or settings["reference_model"]
-    tokenizer = load_tokenizer(reward_model)
+    tokenizer, ref, rm = load_scorers(model or settings["reference_model"], reward_model)
     pairs = []
     for c in conversations:
         row = {"prompt": c[0], "response": c[1]} if isinstance(c, tuple) else {"response": c}
         pairs.append(split_conversation(row, "response", tokenizer))
-    ref = load_model(ref_path).eval()
-    rm = load_model(reward_model, "value").eval()
     end_id = end_token_id(tokenizer, settings["end_token"])
     cut = cut_segments(tokenizer, ref, rm, pairs, settings["entropy_threshold"], end_id, batch_size)
     out = []
     for segments in cut:
         rewards = [s["reward"] for s in segments]
-        text = [s["text"] for s in segments]
         score = sum(rewards) / max(len(rewards), 1)
-        out.append({"segments": text, "rewards": rewards, "score": score})
+        out.append({"segments": [s["text"] for s in segments], "rewards": rewards, "score": score})
     return out
 
 
@@ -2521,12 +2451,11 @@ def cut_segments(tokenizer, ref, rm, pairs, threshold, end_id, batch_size=16):
         drop_end = end_id is not None and not math.isinf(threshold)
         last = torch.tensor([len(s) for s in seqs])[:, None] - int(drop_end)
         ends = segment_ends(entropy, (pos >= first) & (pos < last), threshold)
-        for k in range(len(encoded)):
+        for k, (prompt_ids, _) in enumerate(encoded):
             row_values = None if values is None else values[k]
-            row = segments_of(
-                tokenizer, ids[k], entropy[k], ends[k], row_values, len(encoded[k][0])
+            out.append(
+                segments_of(tokenizer, ids[k], entropy[k], ends[k], row_values, len(prompt_ids))
             )
-            out.append(row)
     return out
 
 
@@ -2553,41 +2482,32 @@ def segment(args):
         fail("--text and --prompt / --response / --dataset are two inputs: pass one of them")
     if args.text is not None and not args.text.strip():
         fail("--text is empty")
-    check_writable(args.html, "--html")
     settings = load_rm_settings(args.reward_model) if args.reward_model else {}
-    if args.reward_model:
-        check_model_dir(args.reward_model, kind="reward")
     threshold = args.entropy_threshold
-    if math.isnan(threshold):
-        threshold = settings.get("entropy_threshold", 1.0)
-    if not threshold >= 0:
-        fail(f"--entropy-threshold must be >= 0, got {threshold}")
+    threshold = settings.get("entropy_threshold", 1.0) if threshold is None else threshold
     model_path = reference_model(args, settings) if settings else args.model or toy_sft_model()
-    tokenizer = load_tokenizer(model_path)
-    inputs = segment_inputs(args, tokenizer)
-    ref = load_model(model_path).eval()
-    rm = load_model(args.reward_model, "value").eval() if args.reward_model else None
+    inputs = [model_path, args.reward_model, args.dataset]
+    page = args.html and output_path(args.html, inputs, "--html")
+    tokenizer, ref, rm = load_scorers(model_path, args.reward_model)
+    shown = segment_inputs(args, tokenizer)
     end_id = None
     if args.text is None:
         end_id = end_token_id(tokenizer, args.end_token or settings.get("end_token", ""))
-    pairs = [(prompt, response) for _, prompt, response in inputs]
+    pairs = [(prompt, response) for _, prompt, response in shown]
     cut = cut_segments(tokenizer, ref, rm, pairs, threshold, end_id)
     if not all(cut):
         fail("the response is empty")
-    views = [{"title": title, "segments": segs} for (title, _, _), segs in zip(inputs, cut)]
+    views = [{"title": title, "segments": segs} for (title, _, _), segs in zip(shown, cut)]
     for view in views:
         print(f"{view['title']}:\n{segments_terminal(view['segments'], sys.stdout.isatty())}")
-    if args.html:
-        with open(args.html, "w") as f:
+    if page:
+        from benchmarks.pictures import segments_html
+
+        with atomic(page) as tmp, open(tmp, "w") as f:
             f.write(segments_html(views, threshold))
+    keys = ("text", "entropy", "reward")
     brief = [
-        {
-            **v,
-            "segments": [
-                {k: s[k] for k in ("text", "entropy", "reward") if k in s} for s in v["segments"]
-            ],
-        }
-        for v in views
+        {**v, "segments": [{k: s[k] for k in keys if k in s} for s in v["segments"]]} for v in views
     ]
     return {"entropy_threshold": threshold, "segments": brief[0]["segments"], "views": brief}
 
@@ -2598,8 +2518,7 @@ def segment_inputs(args, tokenizer):
     all is given."""
     if args.text is not None:  # raw text: no template, no end token, every token is content
         return [("text", "", args.text)]
-    given = [f for f in ("dataset", "prompt", "response") if getattr(args, f) is not None]
-    if args.dataset is not None and len(given) > 1:
+    if args.dataset is not None and (args.prompt is not None or args.response is not None):
         fail("--dataset and --prompt / --response are two inputs: pass one of them")
     if args.prompt is not None and args.response is None:
         fail("--prompt needs --response: the response is what gets segmented")
@@ -2615,41 +2534,19 @@ def segment_inputs(args, tokenizer):
     if not 0 <= args.row < len(rows):
         fail(f"--row {args.row} is outside the dataset's {len(rows)} rows")
     check_columns(rows, ["chosen"])
-    keys = [k for k in ("chosen", "rejected") if k in rows.column_names]
     row = rows[args.row]
-    return [
-        (f"row {args.row}, {k}", *split_conversation(row, k, tokenizer, args.row)) for k in keys
-    ]
-
-
-def check_writable(path, flag):
-    """Before the work: the file a command writes at its end can be written there."""
-    if not path:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        fail(f"{flag} {path} cannot be written: a folder, or its folder is missing or read-only")
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        fail(f"{flag} {path} cannot be written: the file is read-only")
+    if "rejected" in row:
+        prompt, chosen, rejected = split_pair(row, tokenizer, args.row)
+        return [
+            (f"row {args.row}, chosen", prompt, chosen),
+            (f"row {args.row}, rejected", prompt, rejected),
+        ]
+    return [(f"row {args.row}, chosen", *split_conversation(row, "chosen", tokenizer, args.row))]
 
 
 # The segment view's colours: white at reward 0, red below and green above, full at |r| = scale
 # (the largest |reward| shown, so one page shares one scale); grey tints when there is no reward.
 RED, GREEN, GREYS = (226, 92, 82), (84, 178, 106), ((236, 240, 245), (222, 228, 236))
-PAGE_CSS = """
-body{font:15px/1.45 system-ui,sans-serif;color:#1b1f24;margin:20px 24px;background:#fafbfc}
-h1{font-size:18px;margin:0 0 4px} h2{font-size:14px;margin:0 0 2px}
-.sub{color:#57606a;font-size:13px} .resp{font-size:17px} .seg{margin-right:3px}
-.keys{display:flex;gap:8px 28px;align-items:flex-end;margin:10px 0 16px;font-size:12px}
-.grad{width:220px;height:12px;border:1px solid #c8ccd1}
-.ticks{display:flex;justify-content:space-between} .views{display:grid;gap:16px}
-.view{background:#fff;border:1px solid #d8dee4;border-radius:6px;padding:12px 14px;min-width:0}
-.tok{display:inline-flex;flex-direction:column;vertical-align:top;margin-bottom:6px}
-.tt{white-space:pre;padding:1px 0} .end{box-shadow:inset -2px 0 #4b5563;padding-right:2px}
-.bar{position:relative;height:18px;background:#fff}
-.bar i{position:absolute;bottom:0;left:0;right:1px;background:#c3cad3} .bar i.hi{background:#52606f}
-@media(max-width:700px){.views{grid-template-columns:1fr!important}}
-"""
 
 
 def segment_rgb(segment, k, scale):
@@ -2664,70 +2561,6 @@ def reward_scale(views):
     return max((abs(s.get("reward") or 0) for v in views for s in v["segments"]), default=0) or 1
 
 
-def segments_html(views, threshold):
-    """A self-contained page: each response with its segments shaded by reward, a bar under
-    every token for its entropy (dark above the cutoff, drawn as a line), numbers on hover."""
-    scale = reward_scale(views)
-    h_max = max([h for v in views for s in v["segments"] for h in s["token_entropy"]], default=1)
-    h_max = max(h_max, 1.25 * threshold if math.isfinite(threshold) else 0, 1e-6)
-    css = PAGE_CSS
-    if math.isfinite(threshold):  # the cutoff line across every entropy bar
-        css += ".bar::after{content:'';position:absolute;left:0;right:0;"
-        css += f"bottom:{100 * threshold / h_max:.1f}%;border-top:1px solid #d9480f}}"
-    sections = [view_html(v, scale, h_max, threshold) for v in views]
-    legend = "bars: each token's entropy H under the reference model"
-    if math.isfinite(threshold):
-        legend += f"; <span style='color:#d9480f'>line</span>: the cutoff c = {threshold:g}"
-    if any(s.get("reward") is not None for v in views for s in v["segments"]):
-        ends = [f"rgb{segment_rgb({'reward': r}, 0, 1)}" for r in (-1, 1)]
-        grad = f"linear-gradient(to right,{ends[0]},#fff,{ends[1]})"
-        ticks = "".join(f"<span>{t}</span>" for t in (f"{-scale:+.2f}", "0", f"{scale:+.2f}"))
-        scale_key = f"segment reward<div class=grad style='background:{grad}'></div>"
-        legend = f"{scale_key}<div class=ticks>{ticks}</div></div><div>{legend}"
-    legend = f"<div>{legend}</div>"  # one flex item per key
-    columns = f"repeat({min(2, len(views))},minmax(0,1fr))"
-    return (
-        f"<!doctype html><html lang=en><meta charset=utf-8><title>segments, c = {threshold:g}"
-        f"</title><style>{css}</style><h1>Segment-level rewards</h1><div class=sub>entropy "
-        f"cutoff c = {threshold:g}</div><div class=keys>{legend}</div><div class=views "
-        f"style='grid-template-columns:{columns}'>{''.join(sections)}</div></html>\n"
-    )
-
-
-def view_html(view, scale, h_max, threshold):
-    """One response: a <span class=seg> per segment, holding one text-over-bar block a token."""
-    spans = []
-    for k, seg in enumerate(view["segments"]):
-        reward = seg.get("reward")
-        hover = f"segment {k + 1}" + ("" if reward is None else f" | reward {reward:+.2f}")
-        hover += f" | H at its end {seg['entropy']:.2f}"
-        data = f" data-entropy={seg['entropy']}" + (
-            "" if reward is None else f" data-reward={reward}"
-        )
-        tokens = []
-        for n, (token, h) in enumerate(zip(seg["tokens"], seg["token_entropy"])):
-            high = " class=hi" if h > threshold else ""
-            height = f"style='height:{100 * h / h_max:.0f}%'"
-            bar = f"<span class=bar title='H = {h:.2f}'><i{high} {height}></i></span>"
-            end = " end" if n == len(seg["tokens"]) - 1 else ""
-            tokens.append(
-                f"<span class='tok{end}'><span class=tt>{html.escape(token)}</span>{bar}</span>"
-            )
-        rgb = segment_rgb(seg, k, scale)
-        spans.append(
-            f"<span class=seg{data} title='{html.escape(hover)}' "
-            f"style='background:rgb{rgb}'>{''.join(tokens)}</span>"
-        )
-    rewards = [s["reward"] for s in view["segments"] if s.get("reward") is not None]
-    summary = f"{len(view['segments'])} segments" + (
-        f", mean reward {sum(rewards) / len(rewards):+.2f}" if rewards else ""
-    )
-    return (
-        f"<section class=view><h2>{html.escape(view['title'])}</h2><div class=sub>{summary}"
-        f"</div><div class=resp>{''.join(spans)}</div></section>"
-    )
-
-
 def segments_terminal(segments, color):
     """The response on one line, each segment on its reward's colour (24-bit ANSI) when `color`,
     else plain and separated by ' | '; then a numbered table of the segments."""
@@ -2736,11 +2569,8 @@ def segments_terminal(segments, color):
     for k, seg in enumerate(segments):
         text = seg["text"].replace("\n", "\\n")
         if color:
-            text = (
-                "\033[48;2;{};{};{}m\033[38;2;27;31;36m".format(*segment_rgb(seg, k, scale))
-                + text
-                + "\033[0m"
-            )
+            rgb = ";".join(map(str, segment_rgb(seg, k, scale)))
+            text = f"\033[48;2;{rgb}m\033[38;2;27;31;36m{text}\033[0m"
         parts.append(text)
     lines = ["".join(parts) if color else " | ".join(parts)]
     for k, seg in enumerate(segments):
@@ -2751,124 +2581,98 @@ def segments_terminal(segments, color):
 
 def sample_table(tokenizer, data, i):
     """One rollout cut into its segments, each with its dense reward: what the method sees."""
-    response, mask, ends, dense = (
-        data["response"][i],
-        data["mask"][i],
-        data["ends"][i],
-        data["dense"][i],
-    )
+    response, ends, dense = data["response"][i], data["ends"][i], data["dense"][i]
     stops = ends.nonzero().squeeze(1).tolist()
     spans = zip([0] + [s + 1 for s in stops[:-1]], stops)
     parts = [
         f"[{tokenizer.decode(response[a : b + 1])}|{dense[a : b + 1].sum().item():+.2f}]"
         for a, b in spans
     ]
-    return "sample: " + " ".join(parts) + f"  ({int(mask.sum())} tokens)"
-
-
-def plot_normalizer(path, positions, rewards, params):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    a_mu, a_sigma, b_mu, b_sigma = params
-    groups, index = torch.unique(torch.round(positions * 1000) / 1000, return_inverse=True)
-    mean = torch.stack([rewards[index == i].mean() for i in range(len(groups))])  # plotting only
-    std = torch.stack([rewards[index == i].std(correction=0) for i in range(len(groups))])
-    p = torch.linspace(groups.min().item(), 1, 200)
-    plt.figure(figsize=(6, 4))
-    plt.scatter(groups, mean, s=8, label="mean per position")
-    plt.scatter(groups, std, s=8, label="std per position")
-    plt.plot(p, a_mu * p.log() + b_mu, label="mu(p)")
-    plt.plot(p, a_sigma * p.log() + b_sigma, label="sigma(p)")
-    plt.xlabel("relative position p = k / K")
-    plt.legend()
-    plt.tight_layout()
-    plt.savefig(path)
+    return "sample: " + " ".join(parts) + f"  ({int(data['mask'][i].sum())} tokens)"
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: one subcommand per stage; dataclass fields become flags, resolved and checked once
-# before anything runs.
+# Command line: one subcommand per stage, its flags from the dataclasses (HfArgumentParser, as
+# TRL's scripts do), resolved and checked once before anything runs; one error boundary.
 
-RANGES = {  # flag: (test, what it must be)
-    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
-    "lr": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "critic_lr": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "entropy_threshold": (lambda v: v >= 0, ">= 0 (0: token level, inf: bandit)"),
-    "batch_size": (lambda v: v >= 1, ">= 1"),
-    "grad_accum": (lambda v: v >= 1, ">= 1"),
-    "epochs": (lambda v: v >= 1, ">= 1"),
-    "max_len": (lambda v: v >= 2, ">= 2"),
-    "max_prompt_len": (lambda v: v >= 1, ">= 1"),
-    "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "save_every": (lambda v: v >= 0, ">= 0"),
-    "lora_rank": (lambda v: v >= 0, ">= 0"),
-    "eval_size": (lambda v: v >= 1, ">= 1"),
-    "norm_samples": (lambda v: v >= 0, ">= 0"),
-    "flaw_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "steps": (lambda v: v >= 1, ">= 1"),
-    "episodes": (lambda v: v >= 0, ">= 0"),
-    "mini_batch_size": (lambda v: v >= 1, ">= 1"),
-    "ppo_epochs": (lambda v: v >= 1, ">= 1"),
-    "beta": (lambda v: v >= 0, ">= 0"),
-    "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "clip_eps": (lambda v: v > 0, "> 0"),
-    "temperature": (lambda v: v > 0, "> 0"),
-    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
-    "eval_prompts": (lambda v: v >= 1, ">= 1"),
-    "rollout_chunk": (lambda v: v >= 1, ">= 1"),
-    "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "end_penalty_len": (lambda v: v >= 1, ">= 1"),
+COMMANDS = {
+    "sft": (SFTArgs, "toy only: fine-tune the toy model on its task, the stage before train-rm"),
+    "train-rm": (RMArgs, "train a segment reward model on preference pairs; fit its normalizer"),
+    "fit-norm": (FitNormArgs, "refit the location-aware normalizer of a trained reward model"),
+    "ppo": (PPOArgs, "PPO of the SFT policy against a reward model's dense segment rewards"),
+    "segment": (SegmentArgs, "show a response cut into its segments, with their rewards"),
 }
-COMMANDS = {"sft": "toy-sft", "train-rm": "toy-rm", "fit-norm": "", "ppo": "toy-ppo", "segment": ""}
 
 
-def check_ranges(args):
-    """Out-of-range flags fail with one line before any model or file is touched (NaN fails)."""
-    for name, (ok, what) in RANGES.items():
-        if hasattr(args, name) and not ok(getattr(args, name)):
-            fail(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
+class Parser(HfArgumentParser):
+    def error(self, message):  # one line instead of the usage block; --help has the rest
+        fail(f"{message} (see {self.prog} --help)")
+
+
+def parse_args(argv=None):
+    parser = Parser(prog="segment_rlhf.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    subparsers = {}
+    for name, (cls, text) in COMMANDS.items():
+        subparsers[name] = sub.add_parser(name, dataclass_types=cls, help=text, description=text)
+        for f in dataclasses.fields(cls):  # --no-X for every switch that is off by default
+            if f.init and f.type in (bool, bool | None) and f.default is not True:
+                flag = "--no-" + f.name.replace("_", "-")
+                subparsers[name].add_argument(flag, dest=f.name, action="store_false", help="")
+    ns = parser.parse_args(argv)
+    if getattr(ns, "preset", ""):  # a preset changes the defaults; explicit flags still win
+        subparsers[ns.command].set_defaults(**preset_defaults(ns.preset, ns.command))
+        ns = parser.parse_args(argv)
+    cls = COMMANDS[ns.command][0]
+    return ns.command, cls(
+        **{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init}
+    )
+
+
+def resolve(command, args):
+    """Every derived setting, once, right after parsing, with its checks: the ranges of the
+    numbers, the output directory, rows per process per forward, and for ppo the reward model,
+    reward mode and value clip."""
+    for bounds, names in BOUNDS.items():
+        lo, hi = (float(x) for x in bounds[1:-1].split(", "))
+        for name in names.split():
+            v = getattr(args, name, None)
+            if v is not None and not (
+                (lo <= v if bounds[0] == "[" else lo < v)
+                and (v <= hi if bounds[-1] == "]" else v < hi)
+            ):
+                fail(f"--{name.replace('_', '-')} must be in {bounds}, got {v}")
+    if command == "segment":
+        return args
     if args.max_prompt_len >= args.max_len:
         fail(f"--max-prompt-len ({args.max_prompt_len}) must be below --max-len ({args.max_len})")
-    if isinstance(args, PPOArgs) and args.max_prompt_len + args.max_new_tokens > args.max_len:
+    if command == "ppo" and args.max_prompt_len + args.max_new_tokens > args.max_len:
         fail(
             f"--max-prompt-len + --max-new-tokens ({args.max_prompt_len} + "
             f"{args.max_new_tokens}) must not exceed --max-len ({args.max_len})"
         )
-
-
-def resolve(command, args):
-    """Every derived setting, once, right after parsing, with its checks: output directory, rows
-    per process per forward, and for ppo the reward model, reward mode and value clip."""
-    if isinstance(args, SegmentArgs):
-        return args
-    check_ranges(args)
     if args.resume and args.overwrite:
         fail("--resume continues a run and --overwrite starts it again: pass one of them")
-    if command == "fit-norm":  # in place unless --output-dir; the entropy cache goes there
+    if command == "fit-norm":  # in place unless --output-dir
         args.output_dir = args.output_dir or args.reward_model
-    args.output_dir = args.output_dir or f"runs/{COMMANDS[command]}"
-    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
-    if args.batch_size % (args.grad_accum * processes):
+    args.output_dir = args.output_dir or f"runs/toy-{'rm' if command == 'train-rm' else command}"
+    world = os.environ.get("WORLD_SIZE", "1")  # set by torchrun / accelerate launch
+    if not world.isdigit() or int(world) < 1:
+        fail(f"WORLD_SIZE={world!r} in the environment must be a whole number >= 1")
+    per_step = args.grad_accum * int(world)
+    if args.batch_size % per_step:
         fail(
             f"--batch-size {args.batch_size} must be a multiple of --grad-accum x processes "
-            f"({args.grad_accum} x {processes})"
+            f"({args.grad_accum} x {world})"
         )
-    args.micro_batch = args.batch_size // (args.grad_accum * processes)
+    args.micro_batch = args.batch_size // per_step
     if command == "ppo":
-        if (
-            args.mini_batch_size % (args.grad_accum * processes)
-            or args.batch_size % args.mini_batch_size
-        ):
+        if args.mini_batch_size % per_step or args.batch_size % args.mini_batch_size:
             fail(
                 f"--mini-batch-size {args.mini_batch_size} must divide --batch-size and split "
                 "over --grad-accum x processes"
             )
-        args.micro_batch = args.mini_batch_size // (args.grad_accum * processes)
+        args.micro_batch = args.mini_batch_size // per_step
         if not args.reward_model and args.model:
             fail("--reward-model is required with --model")
         args.reward_model = args.reward_model or TOY_RM
@@ -2876,75 +2680,64 @@ def resolve(command, args):
     return args
 
 
-def add_dataclass_args(parser, cls):
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        name, help = "--" + f.name.replace("_", "-"), f.metadata.get("help")
-        if f.type is bool:
-            parser.add_argument(
-                name, action=argparse.BooleanOptionalAction, default=f.default, help=help
-            )
-        else:
-            parser.add_argument(
-                name, type=f.type, default=f.default, help=help, choices=f.metadata.get("choices")
-            )
+def first_line(e):
+    """An exception as one line: an OS error's reason and file, else the first line it says."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of the usage block; --help has the rest
-        fail(f"{message} (see {self.prog} --help)")
-
-
-ARGS = {
-    "sft": SFTArgs,
-    "train-rm": RMArgs,
-    "fit-norm": FitNormArgs,
-    "ppo": PPOArgs,
-    "segment": SegmentArgs,
-}
-
-
-def parse_args(argv=None):
-    parser = ArgumentParser(prog="segment_rlhf.py", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    subparsers = {name: sub.add_parser(name) for name in ARGS}
-    for name, cls in ARGS.items():
-        add_dataclass_args(subparsers[name], cls)
-    ns = parser.parse_args(argv)
-    if getattr(ns, "preset", ""):  # a preset changes the defaults; explicit flags still win
-        subparsers[ns.command].set_defaults(**preset_defaults(ns.preset, ns.command))
-        ns = parser.parse_args(argv)
-    cls = ARGS[ns.command]
-    return ns.command, cls(
-        **{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init}
-    )
+def interrupt(signum, frame):
+    """SIGTERM (what `timeout` and schedulers send) is handled like Ctrl-C: one line, cleaned up."""
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def main(argv=None):
-    command, args = parse_args(argv)
-    args = resolve(command, args)
-    if getattr(args, "dry_run", False):
-        resolved = {"command": command, **dataclasses.asdict(args)}
-        if command == "ppo":
-            resolved["reward_model_settings"] = planned_rm_settings(args)
-            if args.episodes > 0:
-                resolved["steps"] = (
-                    f"--episodes {args.episodes} x prompts / --batch-size, counted at load"
-                )
-        print(json.dumps(resolved, indent=1))
-        return resolved
-    run = {"sft": sft, "train-rm": train_rm, "fit-norm": fit_norm, "ppo": ppo, "segment": segment}
+    command, previous = None, signal.signal(signal.SIGTERM, interrupt)
     try:
+        command, args = parse_args(argv)
+        args = resolve(command, args)
+        if getattr(args, "dry_run", False):
+            resolved = {"command": command, **dataclasses.asdict(args)}
+            if command == "ppo":
+                resolved["reward_model_settings"] = planned_rm_settings(args)
+            print(json.dumps(resolved, indent=1))
+            return resolved
+        run = {
+            "sft": sft,
+            "train-rm": train_rm,
+            "fit-norm": fit_norm,
+            "ppo": ppo,
+            "segment": segment,
+        }
         result = run[command](args)
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; 130 as for any SIGINT
+    except KeyboardInterrupt as e:  # 130 as for any SIGINT, 143 for SIGTERM
+        how = f" by {e.args[0]}" if e.args else ""
         hint = "; resume with --resume" if command in ("train-rm", "ppo") else ""
-        print(f"segment_rlhf: error: interrupted{hint}", file=sys.stderr)
-        raise SystemExit(130) from None
+        print(f"segment_rlhf: error: interrupted{how}{hint}", file=sys.stderr)
+        raise SystemExit(143 if e.args else 130) from None
+    except SystemExit as e:  # a fail() line: say where a failed run stands
+        if isinstance(e.code, str) and RUN:
+            raise SystemExit(e.code + checkpoint_hint()) from None
+        raise
+    except (OSError, RuntimeError, ValueError, ImportError, SafetensorError) as e:
+        if os.environ.get("SEGMENT_RLHF_DEBUG"):
+            raise
+        how = "" if isinstance(e, OSError) else " (SEGMENT_RLHF_DEBUG=1 shows the traceback)"
+        raise SystemExit(f"segment_rlhf: error: {first_line(e)}{how}{checkpoint_hint()}") from None
     finally:
-        close_run(args)  # a run that did not finish leaves no directory it created
+        close_run()  # a run that did not finish leaves no directory it created
+        signal.signal(signal.SIGTERM, previous)
     print(json.dumps(result))
     return result
+
+
+def checkpoint_hint():
+    """Where a failed run stands, for its error line."""
+    if not RUN:
+        return ""
+    last = (checkpoints(RUN["work"]) or ["none (pass --save-every N to keep some)"])[-1]
+    return f"; last good checkpoint: {last}"
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+from filelock import FileLock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -192,17 +193,43 @@ def test_ppo_losses_average_each_response_then_the_batch():
     assert S.value_loss(one, 0 * one, one, one, clip=0.25).item() == pytest.approx(0.5 * 0.5625)
 
 
-def test_end_penalty_and_length_norm_hand_built():
-    dense = torch.tensor([[1.0, 2.0, 0.0], [1.0, 1.0, 1.0], [3.0, 0.0, 0.0]])
-    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]]).bool()
-    stopped = torch.tensor([True, False, True])
-    # row 0 ended but is longer than 1 token, row 1 never ended: both get -0.05 at every token
-    out = S.end_penalty_rewards(dense, mask, stopped, -0.05, max_len=1)
-    assert torch.allclose(out, torch.tensor([[-0.05, -0.05, 0.0], [-0.05] * 3, [3.0, 0.0, 0.0]]))
-    out = S.end_penalty_rewards(dense, mask, stopped, -0.05, max_len=2)
-    assert out[0].tolist() == [1.0, 2.0, 0.0] and out[1].tolist() == pytest.approx([-0.05] * 3)
-    normed = S.length_normalized_rewards(dense, mask)
-    assert torch.allclose(normed, torch.tensor([[0.5, 1.0, 0.0], [1 / 3] * 3, [3.0, 0.0, 0.0]]))
+def test_token_rewards_is_the_whole_reward_hand_built():
+    # token mode (c = 0, raw rewards, even split): every content token keeps its own value; the
+    # stop token is not content. Row 0 stops at its 3rd token, row 1 never stops.
+    values = torch.tensor([[1.0, 2.0, 5.0], [1.0, 1.0, 1.0]])
+    sample = {
+        "mask": torch.tensor([[1, 1, 1], [1, 1, 1]]).bool(),
+        "stop": torch.tensor([[0, 0, 1], [0, 0, 0]]).bool(),
+        "stopped": torch.tensor([True, False]),
+    }
+    args = S.PPOArgs(reward_mode="token", location_norm=False, missing_eos_penalty=0.5, beta=0.1)
+    logprobs, ref = torch.zeros(2, 3), torch.full((2, 3), -1.0)  # KL estimate 1 at every token
+    H = torch.full((2, 3), 0.5)  # every entropy above c = 0: one segment per token
+    rewards, dense, kl, ends, score = S.token_rewards(values, H, logprobs, ref,
+                                                      sample, args, {})  # fmt: skip
+    # row 1 never ended: its last token loses the missing-end penalty 0.5
+    assert dense.tolist() == [[1.0, 2.0, 0.0], [1.0, 1.0, 0.5]]
+    assert torch.allclose(rewards, dense - 0.1) and kl.tolist() == [[1.0] * 3] * 2
+    assert ends.tolist() == [[True, True, False], [True, True, True]] and score.tolist() == [1.5, 1]
+    # the authors' end penalty: row 0 ended but is longer than 2 tokens, row 1 never ended
+    args.end_penalty, args.end_penalty_len = -0.05, 2
+    dense = S.token_rewards(values, H, logprobs, ref, sample, args, {})[1]
+    assert torch.allclose(dense, torch.full((2, 3), -0.05))
+    args.end_penalty_len = 3  # row 0 is within the limit now
+    dense = S.token_rewards(values, H, logprobs, ref, sample, args, {})[1]
+    assert dense[0].tolist() == [1.0, 2.0, 0.0] and dense[1].tolist() == pytest.approx([-0.05] * 3)
+    # the authors' length norm: each token's reward divided by the response length (3)
+    args.end_penalty, args.length_norm = None, True
+    dense = S.token_rewards(values, H, logprobs, ref, sample, args, {})[1]
+    assert torch.allclose(dense, torch.tensor([[1.0, 2.0, 0.0], [1.0, 1.0, 0.5]]) / 3)
+    # segment mode with the location-aware normalizer: rewards at segment ends, normalized,
+    # spread evenly; c = 1 cuts row 0 after its first token
+    settings = {"entropy_threshold": 1.0, "normalizer": [0.0, 0.0, 1.0, 2.0]}  # mu 1, sigma 2
+    args = S.PPOArgs(reward_mode="segment", missing_eos_penalty=0.0, beta=0.0)
+    entropy = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    dense = S.token_rewards(values, entropy, logprobs, ref, sample, args, settings)[1]
+    assert dense[0].tolist() == [0.0, 0.5, 0.0]  # (1 - 1) / 2 on token 0, (2 - 1) / 2 on token 1
+    assert dense[1].tolist() == pytest.approx([0.0, 0.0, 0.0])  # one segment: (1 - 1) / 2 / 3
 
 
 def test_whiten_is_zero_mean_unit_variance_over_the_mask():
@@ -359,8 +386,11 @@ def test_toy_segment_rm_learns(toy):
     assert rows[-1]["rm/chosen_score"] > rows[-1]["rm/rejected_score"]
     assert 6 < rows[-1]["segment/per_response"] < 10  # header + one per item, not one per token
     assert result["segment_accuracy"] > 0.7  # a flawed item's segment is ranked below (chance 0.5)
-    saved = json.load(open(os.path.join(toy["rm"], S.SETTINGS_FILE)))
+    saved = S.load_rm_settings(toy["rm"])
     assert saved["entropy_threshold"] == 1.0 and len(saved["normalizer"]) == 4 and saved["std"] > 0
+    assert json.load(open(os.path.join(toy["rm"], "result.json"))) == {
+        k: v for k, v in result.items() if k != "output_dir"
+    } | {"output_dir": toy["rm"]}
 
 
 def test_saved_rm_loads_with_auto_class_and_gives_same_values(toy):
@@ -439,6 +469,13 @@ def write_rows(path, rows):
     return str(path)
 
 
+def edit_settings(rm_dir, edit):
+    """Change a reward model's segment_rlhf settings in its config.json, their one home."""
+    config = json.load(open(os.path.join(rm_dir, "config.json")))
+    config["segment_rlhf"] = edit(config.get("segment_rlhf"))
+    json.dump(config, open(os.path.join(rm_dir, "config.json"), "w"))
+
+
 @pytest.mark.parametrize("ext", ["json", "jsonl", "parquet"])
 def test_every_trl_preference_layout_gives_the_same_pairs(toy, tmp_path, ext):
     tok = S.load_tokenizer(toy["sft"])
@@ -455,6 +492,11 @@ def test_every_trl_preference_layout_gives_the_same_pairs(toy, tmp_path, ext):
         "conversational implicit": {
             k: user(PAIR["prompt"]) + assistant(PAIR[k]) for k in ("chosen", "rejected")
         },
+        # UltraFeedback's: a prompt string, and whole conversations that repeat it (one user turn)
+        "prompt string and whole conversations": {
+            "prompt": PAIR["prompt"],
+            **{k: user(PAIR["prompt"]) + assistant(PAIR[k]) for k in ("chosen", "rejected")},
+        },
     }
     pairs = {}
     for name, row in layouts.items():
@@ -462,6 +504,7 @@ def test_every_trl_preference_layout_gives_the_same_pairs(toy, tmp_path, ext):
         pairs[name] = S.prepare_pairs(ds, tok, S.RMArgs(), S.end_token_id(tok))[0]
     first = pairs["standard explicit"]
     assert all(p == first for p in pairs.values()) and first["chosen_ids"][-1] == tok.eos_token_id
+    assert tok.decode(first["prompt_ids"]).count(PAIR["prompt"]) == 1
     # a system turn and earlier turns stay in the prompt
     system = {
         "prompt": [{"role": "system", "content": "Be brief."}, *user(PAIR["prompt"])],
@@ -523,24 +566,28 @@ def test_segment_rewards_from_a_saved_folder_in_three_lines(toy, tmp_path):
         ]
     )
     assert [s["reward"] for s in view["segments"]] == pytest.approx(out[1]["rewards"], abs=1e-3)
-    # the settings travel in config.json too: a folder without segment_rlhf.json still works
+    # the settings travel in config.json, their one home (mean / std at the top, as OpenRLHF's)
     config = json.load(open(os.path.join(toy["rm"], "config.json")))
-    assert (
-        config["segment_rlhf"]["entropy_threshold"] == 1.0 and "mean" in config and "std" in config
-    )
-    bare = shutil.copytree(toy["rm"], tmp_path / "rm")
-    os.remove(bare / S.SETTINGS_FILE)
-    assert S.segment_rewards(str(bare), rows[:1])[0]["rewards"] == out[0]["rewards"]
+    assert config["segment_rlhf"]["entropy_threshold"] == 1.0 and "mean" in config
+    assert "std" in config and "mean" not in config["segment_rlhf"]
+    assert not os.path.exists(os.path.join(toy["rm"], "segment_rlhf.json"))
+    copy = shutil.copytree(toy["rm"], tmp_path / "rm")  # a copied folder carries them along
+    assert S.segment_rewards(str(copy), rows[:1])[0]["rewards"] == out[0]["rewards"]
 
 
 @pytest.mark.parametrize("layout", ["named folder", "hub cache"])
-def test_released_reward_model_snapshot_in_a_local_folder(tmp_path, layout):
+def test_released_reward_model_snapshot_in_a_local_folder(tmp_path, layout, monkeypatch):
+    import huggingface_hub
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     name = "Phi-3-mini-4k-instruct-bandit-rm-700k"
     folder = tmp_path / name
-    if layout == "hub cache":
-        folder = tmp_path / f"models--yyqoni--{name}" / "snapshots" / "0123abc"
+    if layout == "hub cache":  # found through huggingface_hub's cache lookup, not by its name
+        repo = tmp_path / "hub" / f"models--yyqoni--{name}"
+        folder = repo / "snapshots" / "0123abc"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text("0123abc")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     config = LlamaConfig(
         vocab_size=40,
         hidden_size=16,
@@ -594,9 +641,9 @@ def test_segment_page_shades_each_segment_and_escapes_what_it_shows(toy, tmp_pat
 
 
 def test_fit_norm_refits_the_saved_normalizer(toy):
-    before = json.load(open(os.path.join(toy["rm"], S.SETTINGS_FILE)))
+    before = S.load_rm_settings(toy["rm"])
     out = S.main(["fit-norm", "--reward-model", toy["rm"], "--norm-samples", "200"])
-    after = json.load(open(os.path.join(toy["rm"], S.SETTINGS_FILE)))
+    after = S.load_rm_settings(toy["rm"])
     assert out["norm_samples"] == after["norm_samples"] == 400  # 200 pairs, chosen and rejected
     assert after["normalizer"] == out["normalizer"] != before["normalizer"]
 
@@ -659,7 +706,7 @@ BAD_INPUT = {
     ),
     "entropy threshold below 0": (
         ["train-rm", "--entropy-threshold", "-1"],
-        "--entropy-threshold must be >= 0",
+        "--entropy-threshold must be in [0, inf], got -1.0",
     ),
     "learning rate out of range": (["train-rm", "--lr", "0"], "--lr must be in (0, 1]"),
     "learning rate NaN": (["ppo", "--critic-lr", "nan"], "--critic-lr must be in (0, 1]"),
@@ -720,7 +767,7 @@ BAD_INPUT = {
     ),
     "reward model without its settings file": (
         ["ppo", "--reward-model", "{sft}"],
-        "has no segment_rlhf.json",
+        "has no segment_rlhf settings in its config.json",
     ),
     "reward mode the reward model was not trained for": (
         ["ppo", "--reward-model", "{rm}", "--reward-mode", "bandit"],
@@ -769,9 +816,7 @@ def bad_files(toy, tmp_path_factory):
         write_rows(tmp / f"{name}.jsonl", rows)
     (tmp / "bad.jsonl").write_text("not json\n")
     no_norm = shutil.copytree(toy["rm"], tmp / "rm-no-norm")
-    settings = json.load(open(no_norm / S.SETTINGS_FILE))
-    del settings["normalizer"]
-    json.dump(settings, open(no_norm / S.SETTINGS_FILE, "w"))
+    edit_settings(no_norm, lambda s: {k: v for k, v in s.items() if k != "normalizer"})
     return tmp
 
 
@@ -988,12 +1033,12 @@ def hostile(toy, tmp_path_factory):
         for f in drop:
             os.remove(path / f)
         if settings is not None:
-            json.dump(settings, open(path / S.SETTINGS_FILE, "w"))
+            edit_settings(path, lambda _: settings)
         if edit:
             edit(path)
         return path
 
-    good = json.load(open(os.path.join(toy["rm"], S.SETTINGS_FILE)))
+    good = json.load(open(os.path.join(toy["rm"], "config.json")))["segment_rlhf"]
     model_copy("sft_copy", toy["sft"])
     (tmp / "holder").mkdir()
     model_copy("holder/sft", toy["sft"])
@@ -1002,18 +1047,38 @@ def hostile(toy, tmp_path_factory):
     model_copy("bad_config", toy["sft"], edit=lambda p: (p / "config.json").write_text("{"))
     model_copy("lm_as_rm", toy["sft"], settings=good)
     model_copy("value_head", toy["rm"], edit=rename_score_to_value_head)
-    model_copy("rm_bad_json", toy["rm"], edit=lambda p: (p / S.SETTINGS_FILE).write_text("{x"))
+    model_copy("rm_bad_json", toy["rm"], edit=lambda p: (p / "config.json").write_text("{x"))
     model_copy("rm_no_keys", toy["rm"], settings={"normalizer": good["normalizer"]})
     model_copy("rm_nan_norm", toy["rm"], settings={**good, "normalizer": [float("nan")] * 4})
     model_copy("rm_moved_ref", toy["rm"], settings={**good, "reference_model": "/nowhere/sft"})
+    model_copy("bad_head", toy["rm"], edit=lambda p: resize_head(p / "model.safetensors"))
+    model_copy("staged.incomplete", toy["sft"])  # a run's own staging name, given as its input
+    other = model_copy("other_tok", toy["sft"])  # a tokenizer with one token more
+    tok = S.load_tokenizer(str(other))
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(other)
     args = json.load(open(os.path.join(toy["rm"], "args.json")))
     for name in ("rm_run", "rm_bad_ckpt"):  # the toy run's own directory, as if killed at step 3
-        path = model_copy(name, toy["rm"])
+        path = model_copy(name, toy["rm"], drop=["result.json"])  # not finished
         json.dump({**args, "output_dir": str(path)}, open(path / "args.json", "w"), indent=1)
         (path / "checkpoint-3").mkdir()
         (path / "checkpoint-3" / "state.json").write_text('{"step": 3, "metrics_rows": 1}')
     (tmp / "rm_bad_ckpt" / "checkpoint-3" / "model.safetensors").write_text("garbage")
+    # a run on {tmp}/pairs.jsonl, killed at step 3, whose data file was replaced since
+    path = model_copy("rm_data_run", tmp / "rm_run")
+    data = str(tmp / "pairs.jsonl")
+    changed = {**args, "output_dir": str(path), "dataset": data, "eval_size": 1}
+    changed["inputs"] = {**args["inputs"], data: [["pairs.jsonl", 1, 2]]}
+    json.dump(changed, open(path / "args.json", "w"), indent=1)
     return tmp
+
+
+def resize_head(path):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path)
+    weights["score.weight"] = weights["score.weight"][:, :7]
+    save_file(weights, path, metadata={"format": "pt"})
 
 
 def truncate(path):
@@ -1074,12 +1139,15 @@ HOSTILE = {
         "a second run into a directory in use": (RM + ["--output-dir", "{tmp}/busy"], "in use"),
     },
     "traceback": {
-        "model with only a tokenizer": (RM + ["--model", "{tmp}/tokenizer_only"], "has no weights"),
+        "model with only a tokenizer": (
+            RM + ["--model", "{tmp}/tokenizer_only"],
+            "no file named model.safetensors",
+        ),
         "truncated weights": (RM + ["--model", "{tmp}/truncated"], "damaged or truncated"),
-        "malformed model config": (RM + ["--model", "{tmp}/bad_config"], "model config"),
+        "malformed model config": (RM + ["--model", "{tmp}/bad_config"], "not a valid JSON file"),
         "malformed settings file": (
             PPO + ["--reward-model", "{tmp}/rm_bad_json"],
-            "could not read the reward model settings",
+            "could not read the model config",
         ),
         "settings without their keys": (PPO + ["--reward-model", "{tmp}/rm_no_keys"], "lacks"),
         "damaged checkpoint": (
@@ -1087,7 +1155,7 @@ HOSTILE = {
             + ["--output-dir", "{tmp}/rm_bad_ckpt"],
             "checkpoint-3 is damaged",
         ),
-        "seed out of range": (RM + ["--seed", "-1"], "--seed must be in [0, 2**32)"),
+        "seed out of range": (RM + ["--seed", "-1"], "--seed must be in [0, 4294967296)"),
         "unknown LoRA target": (
             SMALL_RM + ["--lora-rank", "2", "--lora-targets", "nope_proj"],
             "--lora-targets nope_proj",
@@ -1144,6 +1212,53 @@ HOSTILE = {
         ),
     },
 }
+HOSTILE["written paths that alias inputs"] = {
+    "segment page onto the dataset it reads": (
+        ["segment", "--model", "{sft}", "--dataset", "{tmp}/pairs.jsonl"]
+        + ["--html", "{tmp}/pairs.jsonl"],
+        "--html {tmp}/pairs.jsonl would overwrite the input",
+    ),
+    "the run's own staging folder as its input model": (
+        RM + ["--model", "{tmp}/staged.incomplete", "--output-dir", "{tmp}/staged"],
+        "would overwrite the input {tmp}/staged.incomplete",
+    ),
+    "fit-norm plot onto the reward model's files": (
+        ["fit-norm", "--reward-model", "{rm}", "--plot", "{rm}/config.json"],
+        "would overwrite the input",
+    ),
+}
+HOSTILE["path spelling"] = {
+    "a second run into a directory in use, with a trailing slash": (
+        RM + ["--output-dir", "{tmp}/busy/"],
+        "in use by another run",
+    ),
+    "output dir spelled with '..' around the input": (
+        RM + ["--model", "{tmp}/holder/sft", "--output-dir", "{tmp}/holder/sft/../../holder"],
+        "would overwrite the input",
+    ),
+}
+HOSTILE["models that do not fit"] = {
+    "reward head of the wrong shape": (
+        PPO + ["--reward-model", "{tmp}/bad_head"],
+        "score.weight has shape [1, 7], the model needs [1, 128]",
+    ),
+    "segment with another tokenizer than the reward model's": (
+        ["segment", "--model", "{tmp}/other_tok", "--reward-model", "{rm}", "--response", "fig"],
+        "use different tokenizers",
+    ),
+}
+HOSTILE["values that would run wrong"] = {
+    "negative value clip": (PPO + ["--value-clip", "-1"], "--value-clip must be in (0, inf)"),
+    "NaN missing-end penalty": (
+        PPO + ["--missing-eos-penalty", "nan"],
+        "--missing-eos-penalty must be in (-inf, inf), got nan",
+    ),
+    "resume after the data file was replaced": (
+        ["train-rm", "--model", "{sft}", "--epochs", "3", "--dataset", "{tmp}/pairs.jsonl"]
+        + ["--eval-size", "1", "--resume", "--output-dir", "{tmp}/rm_data_run"],
+        "{tmp}/pairs.jsonl changed",
+    ),
+}
 HOSTILE_CASES = [(kind, case) for kind in HOSTILE for case in HOSTILE[kind]]
 
 
@@ -1151,13 +1266,16 @@ HOSTILE_CASES = [(kind, case) for kind in HOSTILE for case in HOSTILE[kind]]
 def test_hostile_input_loses_nothing_and_gets_one_line(kind, case, toy, hostile):
     argv, message = HOSTILE[kind][case]
     argv = [a.format(sft=toy["sft"], rm=toy["rm"], tmp=hostile) for a in argv]
+    message = message.replace("{tmp}", str(hostile))
     if argv[0] != "segment" and "--output-dir" not in argv:
         argv += ["--output-dir", str(hostile / "out")]
-    if case.startswith("a second run"):  # a live process (our parent) holds the lock
-        (hostile / "busy.lock").write_text(str(os.getppid()))
+    busy = FileLock(hostile / "busy.lock")  # a run writing {tmp}/busy holds its lock
+    if case.startswith("a second run"):
+        busy.acquire()
     before = {"toy": tree_hashes(toy["root"]), "tmp": tree_hashes(hostile)}
     with pytest.raises(SystemExit) as e:
         S.main(argv)
+    busy.release()
     line = str(e.value)
     assert line.startswith("segment_rlhf: error: ") and "\n" not in line and message in line, line
     assert "--overwrite" not in line or not case.startswith("resume")  # never advise a worse flag
@@ -1169,7 +1287,6 @@ def test_hostile_input_loses_nothing_and_gets_one_line(kind, case, toy, hostile)
         if after[k].get(f, 0) != before[k].get(f, 0)
     ]
     assert not changed  # every file as it was, nothing added
-    (hostile / "busy.lock").unlink(missing_ok=True)
 
 
 def test_overwrite_keeps_the_old_run_whole_until_the_new_one_is_complete(
@@ -1216,25 +1333,21 @@ def test_fit_norm_writes_only_when_done_keeps_a_backup_and_honours_output_dir(
     assert tree_hashes(rm) == before and out["output_dir"] == str(tmp_path / "refit")
     refit = S.load_rm_settings(str(tmp_path / "refit"))
     assert refit["normalizer"] == out["normalizer"] and refit["reference_model"] == toy["sft"]
-    S.check_model_dir(str(tmp_path / "refit"), kind="reward")
+    S.load_model(str(tmp_path / "refit"), "reward")  # a whole reward model, head and all
     S.main(["fit-norm", "--reward-model", str(rm), "--norm-samples", "50"])
-    assert (
-        open(rm / (S.SETTINGS_FILE + ".bak")).read()
-        == open(toy["rm"] + "/" + S.SETTINGS_FILE).read()
-    )
+    assert open(rm / "config.json.bak").read() == open(toy["rm"] + "/config.json").read()
     # the reference model is stored relative to the reward model: both can move together
     moved = tmp_path / "moved"
     moved.mkdir()
     shutil.copytree(toy["sft"], moved / "sft")
     shutil.copytree(tmp_path / "refit", moved / "refit")
-    settings = json.load(open(moved / "refit" / S.SETTINGS_FILE))
-    settings["reference_model"] = "../sft"
-    json.dump(settings, open(moved / "refit" / S.SETTINGS_FILE, "w"))
+    edit_settings(moved / "refit", lambda s: {**s, "reference_model": "../sft"})
     assert S.load_rm_settings(str(moved / "refit"))["reference_model"] == str(moved / "sft")
 
 
-def test_ctrl_c_gets_one_line_and_leaves_no_directory(toy, tmp_path):
-    out = tmp_path / "rm"
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])  # Ctrl-C; what `timeout` and schedulers send
+def test_ctrl_c_gets_one_line_and_leaves_no_directory(sig, toy, tmp_path):
+    out, sig = tmp_path / "rm", getattr(signal, sig)
     argv = [sys.executable, S.__file__, *[a.format(sft=toy["sft"]) for a in RM]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # A shell that starts a job in the background makes it ignore SIGINT, and children inherit
@@ -1244,15 +1357,19 @@ def test_ctrl_c_gets_one_line_and_leaves_no_directory(toy, tmp_path):
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, env=env, preexec_fn=default)
     while proc.poll() is None and not (out / "args.json").exists():
         time.sleep(0.05)
-    for _ in range(8):  # Ctrl-C, again if the run has not stopped 15 s later
-        proc.send_signal(signal.SIGINT)
+    for _ in range(8):  # the signal, again if the run has not stopped 15 s later
+        proc.send_signal(sig)
         try:
             err = proc.communicate(timeout=15)[1].decode()
             break
         except subprocess.TimeoutExpired:
             continue
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "segment_rlhf: error: interrupted; resume with --resume"
+    assert proc.returncode == (130 if sig == signal.SIGINT else 143), err
+    how = "" if sig == signal.SIGINT else " by SIGTERM"
+    assert (
+        err.strip().splitlines()[-1]
+        == f"segment_rlhf: error: interrupted{how}; resume with --resume"
+    )
     assert "Traceback" not in err and not out.exists() and os.listdir(tmp_path) == []
 
 
@@ -1278,6 +1395,17 @@ def test_preset_fills_paper_values_and_flags_override(capsys):
     assert ppo["critic_lr"] == 9e-6 and ppo["episodes"] == 1 and ppo["end_token"] == "<|eot_id|>"
     with pytest.raises(SystemExit, match="unknown --preset"):
         S.main(["ppo", "--preset", "gpt5", "--dry-run"])
+    # a preset's train-rm writes its own folder, never one named like the released model; its
+    # ppo uses the released model, and the dry run shows the normalizer that run will use
+    assert S.main(["train-rm", "--preset", "phi3-mini", "--dry-run"])["output_dir"] == (
+        "runs/phi3-mini-segment-rm"
+    )
+    ppo = S.main(["ppo", "--preset", "phi3-mini", "--dry-run"])
+    assert ppo["reward_model"] == "yyqoni/Phi-3-mini-4k-instruct-segment-rm-700k"
+    assert ppo["reward_model_settings"]["normalizer"] == [0.7668, 0.2569, 0.4705, 2.8339]
+    mine = S.main(["ppo", "--preset", "phi3-mini", "--reward-model", "runs/phi3-mini-segment-rm",
+                   "--dry-run"])  # fmt: skip
+    assert mine["reward_model_settings"]["normalizer"] == "fitted by train-rm --preset phi3-mini"
 
 
 def test_released_reward_models_get_the_authors_settings():
@@ -1309,11 +1437,11 @@ def test_presets_carry_the_authors_recipe_details():
     token_rm = "yyqoni/rlhflow-llama-3-sft-8b-v2-token-rm-700k"
     token = S.main(["ppo", "--preset", "llama3-sft-8b", "--reward-model", token_rm, "--dry-run"])
     assert token["reward_mode"] == "token" and token["length_norm"] is True
-    assert token["end_penalty"] == 0.0 and token["value_clip"] == 0.25
+    assert token["end_penalty"] is None and token["value_clip"] == 0.25
     rm = S.main(["train-rm", "--preset", "phi3-mini", "--dry-run"])
     assert rm["norm_samples"] == 60000 and rm["long_pairs"] == "truncate" and rm["micro_batch"] == 8
     toy = S.main(["ppo", "--dry-run"])
-    assert toy["end_penalty"] == 0.0 and toy["length_norm"] is False and toy["min_lr_ratio"] == 0
+    assert toy["end_penalty"] is None and toy["length_norm"] is False and toy["min_lr_ratio"] == 0
 
 
 def test_long_pairs_are_truncated_to_end_on_the_end_token_or_skipped(toy):
@@ -1623,8 +1751,8 @@ def test_a_failed_final_save_keeps_the_last_checkpoint_and_names_it(toy, tmp_pat
     write_rows(pairs, S.toy_preference_rows(300, seed=7))
     out = tmp_path / "rm"
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
-    expected = re.escape(f"last checkpoint: {out}/checkpoint-8") + "$"
-    with pytest.raises(SystemExit, match="could not save the model .*" + expected):
+    expected = re.escape(f"No space left on device; last good checkpoint: {out}/checkpoint-8") + "$"
+    with pytest.raises(SystemExit, match=expected):
         S.main(
             [
                 "train-rm",
@@ -1643,3 +1771,66 @@ def test_a_failed_final_save_keeps_the_last_checkpoint_and_names_it(toy, tmp_pat
             ]
         )
     assert (out / "checkpoint-8" / "state.json").exists() and not (out / "model.tmp").exists()
+
+
+# --- the mechanisms behind "nothing lost", beyond the tables above --------------------------------
+
+
+def test_a_finished_run_is_not_run_again(toy, capfd):
+    """--resume of a finished run, or the same command again, says so and changes nothing."""
+    before = tree_hashes(toy["root"])
+    argv = ["train-rm", "--model", toy["sft"], "--epochs", "3", "--output-dir", toy["rm"]]
+    for extra in ([], ["--resume"]):
+        out = S.main(argv + extra)
+        assert {**out, "output_dir": 0} == {**toy["rm_result"], "output_dir": 0}
+        assert "holds this run, finished; pass --overwrite" in capfd.readouterr().err
+    assert tree_hashes(toy["root"]) == before
+
+
+def test_bad_environment_gets_one_line(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    with pytest.raises(SystemExit, match="WORLD_SIZE='abc' in the environment must be a whole"):
+        S.main(["train-rm", "--dry-run"])
+
+
+def test_entropy_cache_follows_the_reference_weights(toy, tmp_path, monkeypatch):
+    """New weights under the same config.json must not reuse the entropies of the old ones."""
+    import datasets
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("SEGMENT_RLHF_CACHE", str(tmp_path / "cache"))
+    ref = shutil.copytree(toy["sft"], tmp_path / "ref")
+    tok = S.load_tokenizer(str(ref))
+    pairs = datasets.Dataset.from_list(S.toy_preference_rows(2, seed=5))
+    pairs = S.prepare_pairs(pairs, tok, S.RMArgs(), S.end_token_id(tok))
+    accelerator = S.make_accelerator(S.RMArgs())
+    first = S.add_entropies(pairs, S.RMArgs(), accelerator, str(ref), tok)["chosen_entropy"]
+    weights = load_file(ref / "model.safetensors")
+    save_file({k: v * 0.5 for k, v in weights.items()}, ref / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    again = S.add_entropies(pairs, S.RMArgs(), accelerator, str(ref), tok)["chosen_entropy"]
+    assert again != first and len(os.listdir(tmp_path / "cache" / "entropy")) == 2
+
+
+def mount_tmpfs(path, size):
+    """A real small disk (a tmpfs, root only); False where it cannot be mounted."""
+    path.mkdir()
+    cmd = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
+    return shutil.which("mount") and subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+def test_a_full_disk_at_a_checkpoint_gets_one_line_and_leaves_nothing(toy, tmp_path):
+    disk = tmp_path / "disk"
+    if not mount_tmpfs(disk, "2m"):  # the run's files fit, its first checkpoint does not
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        data = write_rows(tmp_path / "pairs.jsonl", S.toy_preference_rows(80, seed=7))
+        argv = ["train-rm", "--model", toy["sft"], "--dataset", data, "--eval-size", "16",
+                "--epochs", "1", "--save-every", "1", "--output-dir", str(disk / "rm")]  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            S.main(argv)
+        line = str(e.value)
+        assert line.startswith("segment_rlhf: error: ") and "\n" not in line, line
+        assert "last good checkpoint: none" in line and os.listdir(disk) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

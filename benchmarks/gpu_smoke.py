@@ -251,7 +251,7 @@ def ppo_step(a, config, device):
             "max_new_tokens": a.new_tokens,
             "max_len": a.prompt_len + a.new_tokens,
             "reward_mode": "segment",
-            "end_penalty": 0.0,  # what resolve() gives phi3-mini's segment run
+            "end_penalty": None,  # what resolve() gives phi3-mini's segment run
             "length_norm": False,
             "value_clip": 0.25,
         }
@@ -278,15 +278,12 @@ def ppo_step(a, config, device):
     opt_p, _ = S.make_optimizer(policy, args, 1)
     opt_c, _ = S.make_optimizer(critic, dataclasses.replace(args, lr=args.critic_lr), 1)
     policy, critic, opt_p, opt_c = accelerator.prepare(policy, critic, opt_p, opt_c)
-    run = types.SimpleNamespace(
+    models = types.SimpleNamespace(  # what ppo_models() gives ppo()
         accelerator=accelerator,
         policy=policy,
         critic=critic,
         rm=rm,
         ref_logits=ref_logits,
-        opt_p=opt_p,
-        opt_c=opt_c,
-        settings=settings,
         stop_ids=STOP_IDS,
         pad_id=PAD_ID,
     )
@@ -303,7 +300,7 @@ def ppo_step(a, config, device):
     S.generate = timed_generate
     policy.eval()
     critic.eval()
-    data = S.rollout(run, prompt_ids, torch.ones_like(prompt_ids), args)
+    data = S.rollout(models, prompt_ids, torch.ones_like(prompt_ids), args, settings)
     done, score_peak = lap(device)
     S.generate = generate
     data["advantages"] = S.whiten(data["advantages"], data["mask"])
@@ -311,7 +308,7 @@ def ppo_step(a, config, device):
     critic.train()
     n = len(data["seq"])
     stats = [
-        S.ppo_update(run, {k: v[idx] for k, v in data.items()}, args, a.prompt_len, 1)
+        S.ppo_update(models, {k: v[idx] for k, v in data.items()}, (opt_p, opt_c), args, 1)
         for idx in torch.randperm(n, device=device).split(args.micro_batch)
     ]
     end, update_peak = lap(device)

@@ -1,0 +1,116 @@
+"""Pictures of the method, drawn for `segment --html` and `fit-norm --plot` (and by
+benchmarks/make_figures.py): kept out of segment_rlhf.py, which reads as the method.
+
+- segments_html: a self-contained page, each response with its segments shaded by reward (red
+  below zero, green above) and a bar under every token for its entropy, the cutoff drawn across.
+- plot_normalizer: the segment rewards' mean and std per position p = k / K with the fitted
+  location-aware lines mu(p) and sigma(p) (needs matplotlib).
+"""
+
+import html
+import math
+
+import torch
+
+from segment_rlhf import reward_scale, segment_rgb
+
+PAGE_CSS = """
+body{font:15px/1.45 system-ui,sans-serif;color:#1b1f24;margin:20px 24px;background:#fafbfc}
+h1{font-size:18px;margin:0 0 4px} h2{font-size:14px;margin:0 0 2px}
+.sub{color:#57606a;font-size:13px} .resp{font-size:17px} .seg{margin-right:3px}
+.keys{display:flex;gap:8px 28px;align-items:flex-end;margin:10px 0 16px;font-size:12px}
+.grad{width:220px;height:12px;border:1px solid #c8ccd1}
+.ticks{display:flex;justify-content:space-between} .views{display:grid;gap:16px}
+.view{background:#fff;border:1px solid #d8dee4;border-radius:6px;padding:12px 14px;min-width:0}
+.tok{display:inline-flex;flex-direction:column;vertical-align:top;margin-bottom:6px}
+.tt{white-space:pre;padding:1px 0} .end{box-shadow:inset -2px 0 #4b5563;padding-right:2px}
+.bar{position:relative;height:18px;background:#fff}
+.bar i{position:absolute;bottom:0;left:0;right:1px;background:#c3cad3} .bar i.hi{background:#52606f}
+@media(max-width:700px){.views{grid-template-columns:1fr!important}}
+"""
+
+
+def segments_html(views, threshold):
+    """A self-contained page: each response with its segments shaded by reward, a bar under
+    every token for its entropy (dark above the cutoff, drawn as a line), numbers on hover."""
+    scale = reward_scale(views)
+    h_max = max([h for v in views for s in v["segments"] for h in s["token_entropy"]], default=1)
+    h_max = max(h_max, 1.25 * threshold if math.isfinite(threshold) else 0, 1e-6)
+    css = PAGE_CSS
+    if math.isfinite(threshold):  # the cutoff line across every entropy bar
+        css += ".bar::after{content:'';position:absolute;left:0;right:0;"
+        css += f"bottom:{100 * threshold / h_max:.1f}%;border-top:1px solid #d9480f}}"
+    sections = [view_html(v, scale, h_max, threshold) for v in views]
+    legend = "bars: each token's entropy H under the reference model"
+    if math.isfinite(threshold):
+        legend += f"; <span style='color:#d9480f'>line</span>: the cutoff c = {threshold:g}"
+    if any(s.get("reward") is not None for v in views for s in v["segments"]):
+        ends = [f"rgb{segment_rgb({'reward': r}, 0, 1)}" for r in (-1, 1)]
+        grad = f"linear-gradient(to right,{ends[0]},#fff,{ends[1]})"
+        ticks = "".join(f"<span>{t}</span>" for t in (f"{-scale:+.2f}", "0", f"{scale:+.2f}"))
+        scale_key = f"segment reward<div class=grad style='background:{grad}'></div>"
+        legend = f"{scale_key}<div class=ticks>{ticks}</div></div><div>{legend}"
+    legend = f"<div>{legend}</div>"  # one flex item per key
+    columns = f"repeat({min(2, len(views))},minmax(0,1fr))"
+    return (
+        f"<!doctype html><html lang=en><meta charset=utf-8><title>segments, c = {threshold:g}"
+        f"</title><style>{css}</style><h1>Segment-level rewards</h1><div class=sub>entropy "
+        f"cutoff c = {threshold:g}</div><div class=keys>{legend}</div><div class=views "
+        f"style='grid-template-columns:{columns}'>{''.join(sections)}</div></html>\n"
+    )
+
+
+def view_html(view, scale, h_max, threshold):
+    """One response: a <span class=seg> per segment, holding one text-over-bar block a token."""
+    spans = []
+    for k, seg in enumerate(view["segments"]):
+        reward = seg.get("reward")
+        hover = f"segment {k + 1}" + ("" if reward is None else f" | reward {reward:+.2f}")
+        hover += f" | H at its end {seg['entropy']:.2f}"
+        data = f" data-entropy={seg['entropy']}" + (
+            "" if reward is None else f" data-reward={reward}"
+        )
+        tokens = []
+        for n, (token, h) in enumerate(zip(seg["tokens"], seg["token_entropy"])):
+            high = " class=hi" if h > threshold else ""
+            height = f"style='height:{100 * h / h_max:.0f}%'"
+            bar = f"<span class=bar title='H = {h:.2f}'><i{high} {height}></i></span>"
+            end = " end" if n == len(seg["tokens"]) - 1 else ""
+            tokens.append(
+                f"<span class='tok{end}'><span class=tt>{html.escape(token)}</span>{bar}</span>"
+            )
+        rgb = segment_rgb(seg, k, scale)
+        spans.append(
+            f"<span class=seg{data} title='{html.escape(hover)}' "
+            f"style='background:rgb{rgb}'>{''.join(tokens)}</span>"
+        )
+    rewards = [s["reward"] for s in view["segments"] if s.get("reward") is not None]
+    summary = f"{len(view['segments'])} segments" + (
+        f", mean reward {sum(rewards) / len(rewards):+.2f}" if rewards else ""
+    )
+    return (
+        f"<section class=view><h2>{html.escape(view['title'])}</h2><div class=sub>{summary}"
+        f"</div><div class=resp>{''.join(spans)}</div></section>"
+    )
+
+
+def plot_normalizer(path, positions, rewards, params):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a_mu, a_sigma, b_mu, b_sigma = params
+    groups, index = torch.unique(torch.round(positions * 1000) / 1000, return_inverse=True)
+    mean = torch.stack([rewards[index == i].mean() for i in range(len(groups))])  # plotting only
+    std = torch.stack([rewards[index == i].std(correction=0) for i in range(len(groups))])
+    p = torch.linspace(groups.min().item(), 1, 200)
+    plt.figure(figsize=(6, 4))
+    plt.scatter(groups, mean, s=8, label="mean per position")
+    plt.scatter(groups, std, s=8, label="std per position")
+    plt.plot(p, a_mu * p.log() + b_mu, label="mu(p)")
+    plt.plot(p, a_sigma * p.log() + b_sigma, label="sigma(p)")
+    plt.xlabel("relative position p = k / K")
+    plt.legend()
+    plt.tight_layout()
+    plt.savefig(path)
