@@ -488,7 +488,12 @@ def train_rm(args):
     state = resume_state(accelerator, args, step=0, epoch=0, batch=0, loss_sum=0.0)
     step, per_epoch = state["step"], len(train_loader)
     done_before = state["epoch"] * per_epoch + state["batch"]
-    bar = tqdm(total=args.epochs * per_epoch, initial=done_before, desc="train-rm", disable=quiet())
+    bar = tqdm(
+        total=args.epochs * per_epoch,
+        initial=done_before,
+        desc="train-rm",
+        disable=not accelerator.is_local_main_process,
+    )
     model.train()
     for epoch in range(state["epoch"], args.epochs):
         done = state["batch"] if epoch == state["epoch"] else 0
@@ -673,7 +678,7 @@ def fit_norm(args):
     args.end_token = args.end_token or settings["end_token"]
     ds = rm_pairs(args, tokenizer)
     ds = ds.select(range(min(args.norm_samples or len(ds), len(ds))))  # entropies of just these
-    in_place = same_path(args.output_dir, args.reward_model)
+    in_place = os.path.realpath(args.output_dir) == os.path.realpath(args.reward_model)
     inputs = [ref_path, args.dataset] + ([] if in_place else [args.reward_model])
     if done := start_run(args, "fit-norm", accelerator, inputs, in_place):
         return done
@@ -692,7 +697,7 @@ def fit_norm(args):
     settings.update(fitted, reference_model=ref_path)
     if accelerator.is_main_process:
         if plot:  # first: a failing plot leaves the settings as they were
-            from benchmarks.pictures import plot_normalizer
+            from benchmarks.extras import plot_normalizer
 
             plot_normalizer(plot, positions, rewards, settings["normalizer"])
         if not in_place:
@@ -730,7 +735,9 @@ def ppo(args):
     if state is None:
         state = {"step": 0, "before": evaluate_policy(models, eval_loader, args, settings)}
     before, metrics = state["before"], state.get("metrics", {})
-    bar = tqdm(range(state["step"], args.steps), desc="ppo", disable=quiet())
+    bar = tqdm(
+        range(state["step"], args.steps), desc="ppo", disable=not accelerator.is_local_main_process
+    )
     for step in bar:
         start = time.perf_counter()
         epoch, i = divmod(step, len(loader))  # a pass over the prompts is an epoch of the loader
@@ -955,7 +962,11 @@ def ppo_data(args):
     train_ds, eval_ds = prompt_splits(args, tokenizer)
     if args.episodes > 0:
         args.steps = max(1, int(args.episodes * len(train_ds)) // args.batch_size)
-    collate = prompt_collate(tokenizer)
+
+    def collate(rows):
+        ids = tokenizer.pad({"input_ids": [r["input_ids"] for r in rows]}, return_tensors="pt")
+        return {**ids, "prompt_text": [r["prompt_text"] for r in rows]}
+
     # The loaders get their own generator: drawing from the global RNG that sampling uses would
     # make a resumed run sample differently from an uninterrupted one. The order is set per epoch.
     loader = torch.utils.data.DataLoader(
@@ -992,7 +1003,9 @@ def ppo_models(args, accelerator, settings, tokenizer):
 
     m.ref_logits, m.pad_id = ref_logits, tokenizer.pad_token_id
     end_id = end_token_id(tokenizer, args.end_token or settings["end_token"])
-    m.stop_ids, m.accelerator, m.tokenizer = stop_token_ids(policy, end_id), accelerator, tokenizer
+    eos = policy.generation_config.eos_token_id  # an id, a list, or None
+    m.stop_ids = sorted({end_id, *(eos if isinstance(eos, list) else [] if eos is None else [eos])})
+    m.accelerator, m.tokenizer = accelerator, tokenizer
     return m
 
 
@@ -1029,7 +1042,9 @@ def sft(args):
     if done := start_run(args, "sft", accelerator, [args.model, args.dataset]):
         return done
     model.train()
-    bar = tqdm(total=args.epochs * len(loader), desc="sft", disable=quiet())
+    bar = tqdm(
+        total=args.epochs * len(loader), desc="sft", disable=not accelerator.is_local_main_process
+    )
     for epoch in range(args.epochs):
         for batch in loader:
             with accelerator.accumulate(model):
@@ -1304,30 +1319,32 @@ def fail(msg):
 def load_rows(name, split="train"):
     """A hub id or a local json/jsonl/parquet file, through `datasets`."""
     ext = os.path.splitext(name)[1].lstrip(".")
-    if ext in ("json", "jsonl", "parquet"):
-        if not os.path.isfile(name):
-            fail(f"dataset file {name} does not exist")
-        builder = "parquet" if ext == "parquet" else "json"
-        try:
-            ds = datasets.load_dataset(builder, data_files=name, split="train")
-        except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError, OSError):
-            fail(f"could not read {name}: it must hold {ext} records, one per example")
-    elif os.path.isdir(name) or is_hub_id(name):
-        ds = datasets.load_dataset(name, split=split)
-    else:
+    if ext in ("json", "jsonl", "parquet") and not os.path.isfile(name):
+        fail(f"dataset file {name} does not exist")
+    if not (ext in ("json", "jsonl", "parquet") or os.path.isdir(name) or is_hub_id(name)):
         fail(f"dataset {name!r} is neither a hub id (org/name) nor a .json/.jsonl/.parquet file")
-    if len(ds) == 0:
-        fail(f"dataset {name} has no rows")
-    return ds
+    try:
+        builder, files = (ext.replace("jsonl", "json"), name) if ext else (name, None)
+        ds = datasets.load_dataset(builder, data_files=files, split=split)
+    except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError, OSError) as e:
+        fail(
+            f"could not read {name}: it must hold {ext or 'dataset'} records, one per example "
+            f"({first_line(e)})"
+        )
+    return ds if len(ds) else fail(f"dataset {name} has no rows")
 
 
 def split_pair(row, tokenizer, i):
     """(prompt, chosen, rejected) of a preference row in any of TRL's layouts. Conversations go
     through TRL's maybe_extract_prompt, which also takes the prompt out of rows that carry it
-    twice (UltraFeedback: a `prompt` string and full conversations)."""
+    twice (UltraFeedback: a `prompt` string and whole conversations). For full texts (standard
+    implicit) TRL cuts at the first differing character, which can split a word ("k|iwi") and so
+    move the tokens a segment is read at: the cut goes back to the last whitespace instead."""
     chosen, rejected = row["chosen"], row["rejected"]
     if isinstance(chosen, str) and isinstance(rejected, str) and row.get("prompt") is None:
-        return implicit_prompt(chosen, rejected)
+        shared = os.path.commonprefix([chosen, rejected])
+        prompt = shared[: max(shared.rfind(" "), shared.rfind("\n"), 0)]
+        return prompt, chosen[len(prompt) :], rejected[len(prompt) :]
     if isinstance(chosen, list) and isinstance(rejected, list) and chosen and rejected:
         row = maybe_extract_prompt(
             {k: row[k] for k in ("prompt", "chosen", "rejected") if k in row}
@@ -1339,44 +1356,40 @@ def split_pair(row, tokenizer, i):
     return prompt, chosen, rejected
 
 
-def implicit_prompt(chosen, rejected):
-    """TRL's standard implicit layout (chosen and rejected full texts): the shared prefix is the
-    prompt. TRL cuts at the first differing character, which can split a word ("k|iwi") and
-    so move the tokens a segment is read at: cut back to the last whitespace instead."""
-    shared = os.path.commonprefix([chosen, rejected])
-    cut = max(shared.rfind(" "), shared.rfind("\n"))
-    prompt = shared[:cut] if cut > 0 else ""
-    return prompt, chosen[len(prompt) :], rejected[len(prompt) :]
-
-
 def split_conversation(row, key, tokenizer, index=0):
     """(prompt, response text) of a row: standard (`prompt` and `key` strings) or conversational
     (`key` holds the assistant's turn, after a `prompt` message list, or a whole conversation
-    that ends with it). The prompt comes back as messages, or as text when a prompt string
-    already ends with the chat template's assistant header (used as it is, not wrapped)."""
-    value, prompt = row[key], row.get("prompt")
-    where = f"row {index}, column {key!r}"
+    that ends with it)."""
+    value, where = row[key], f"row {index}, column {key!r}"
     earlier, response = [], value
     if isinstance(value, list):
         if not value or not isinstance(value[-1], dict) or value[-1].get("role") != "assistant":
             fail(f"{where}: a conversation must end with an assistant turn")
         earlier, response = value[:-1], value[-1].get("content")
-    if isinstance(prompt, str) and not is_templated(prompt, tokenizer):
-        prompt = [{"role": "user", "content": prompt}]
-    if prompt is None or isinstance(prompt, list):
-        prompt = (prompt or []) + earlier
-        if not prompt:
-            fail(f"{where}: a conversation needs a prompt before the assistant's turn")
-        check_turns(prompt, where)
-    if not isinstance(prompt, (str, list)) or not isinstance(response, str):
+    if not isinstance(response, str):
         fail(f"{where}: message contents must be strings")
-    return prompt, response
+    return as_messages(row.get("prompt"), tokenizer, where, earlier), response
 
 
-def is_templated(text, tokenizer):
-    """Whether a prompt string already ends with the chat template's assistant header."""
+def as_messages(prompt, tokenizer, where, earlier=()):
+    """A prompt as messages (a string becomes one user turn, earlier turns follow), or as the
+    text itself when it already ends with the chat template's assistant header."""
     header = assistant_header(tokenizer)
-    return bool(header) and text.rstrip().endswith(header)
+    if isinstance(prompt, str) and header and prompt.rstrip().endswith(header):
+        return prompt
+    if prompt is not None and not isinstance(prompt, (str, list)):
+        fail(f"{where}: the prompt must be a string or a message list, got {prompt!r}")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt or []
+    messages = [*messages, *earlier]
+    if not messages:
+        fail(f"{where}: a conversation needs a prompt before the assistant's turn")
+    for turn in messages:
+        ok = isinstance(turn, dict) and all(
+            isinstance(turn.get(k), str) for k in ("role", "content")
+        )
+        if not ok:
+            fail(f"{where}: every turn needs a string 'role' and 'content', got {turn!r}")
+    return messages
 
 
 @functools.cache  # one tokenizer, one header: not two template renders for every row
@@ -1388,31 +1401,20 @@ def assistant_header(tokenizer):
     return ready[len(bare) :].strip()
 
 
-def check_turns(messages, where):
-    """Every turn a dict with a string role and content (the chat template needs both)."""
-    for turn in messages:
-        if not isinstance(turn, dict) or not all(
-            isinstance(turn.get(k), str) for k in ("role", "content")
-        ):
-            fail(f"{where}: every turn needs a string 'role' and 'content', got {turn!r}")
-
-
 def check_columns(ds, keys):
     """Explicit layouts need `prompt` + keys; conversational and implicit pairs need only keys."""
     missing = [k for k in keys if k not in ds.column_names]
     implicit = keys == ["chosen", "rejected"] or isinstance(ds[0][keys[0]], list)
     if missing or ("prompt" not in ds.column_names and not implicit):
-        fail(
-            f"dataset needs columns {['prompt', *keys]} (or conversational {keys}); "
-            f"found {ds.column_names}"
-        )
+        found = ds.column_names
+        fail(f"dataset needs columns {['prompt', *keys]} (or conversational {keys}); found {found}")
 
 
 def encode(tokenizer, prompt, response, max_prompt_len, end_id):
     """Token ids of the prompt (messages through the chat template, or text as it is) cut from
-    the left, and of the response followed by the end token (none when end_id is None). Prompt
-    and response are tokenized apart, not as one templated text (TRL's maybe_apply_chat_template):
-    a response's segments are read at its own tokens, which a merge at the seam would move."""
+    the left, and of the response followed by the end token (none when end_id is None). The two
+    are tokenized apart, not as one templated text (TRL's maybe_apply_chat_template): segments
+    are read at the response's own tokens, which a merge across the seam would move."""
     text = prompt
     if isinstance(prompt, list):
         text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
@@ -1450,8 +1452,10 @@ def prepare_pairs(ds, tokenizer, args, end_id):
         skip = ""
         if not prompt_ids:
             skip = "no prompt (implicit layout without a shared prefix)"
-        elif min(len(chosen_ids), len(rejected_ids)) < 2 or not (
-            chosen.strip() and rejected.strip()
+        elif (
+            min(len(chosen_ids), len(rejected_ids)) < 2
+            or not chosen.strip()
+            or not rejected.strip()
         ):
             skip = "empty response"
         elif chosen_ids == rejected_ids:
@@ -1477,12 +1481,12 @@ def prepare_pairs(ds, tokenizer, args, end_id):
 
 def rm_pairs(args, tokenizer):
     """The preference dataset (or the toy one), encoded and filtered."""
-    end_id = end_token_id(tokenizer, args.end_token)
-    if args.dataset:
-        ds = load_rows(args.dataset)
-    else:
-        ds = datasets.Dataset.from_list(toy_preference_rows(2200, args.seed))
-    return prepare_pairs(ds, tokenizer, args, end_id)
+    ds = (
+        load_rows(args.dataset)
+        if args.dataset
+        else datasets.Dataset.from_list(toy_preference_rows(2200, args.seed))
+    )
+    return prepare_pairs(ds, tokenizer, args, end_token_id(tokenizer, args.end_token))
 
 
 @torch.no_grad()
@@ -1499,31 +1503,32 @@ def add_entropies_batch(rows, ref_model, pad_id, device):
     for key in ("chosen", "rejected"):
         seqs = [p + r for p, r in zip(rows["prompt_ids"], rows[f"{key}_ids"])]
         ids = pad_right(seqs, pad_id).to(device)
-        mask = pad_right([[1] * len(s) for s in seqs], 0).to(device)
-        ent = reference_entropy(ref_model, ids, mask).cpu()
-        spans = zip(ent, rows["prompt_ids"], seqs)
+        ent = reference_entropy(
+            ref_model, ids, pad_right([[1] * len(s) for s in seqs], 0).to(device)
+        )
+        spans = zip(ent.cpu(), rows["prompt_ids"], seqs)
         out[f"{key}_entropy"] = [e[len(p) : len(s)].tolist() for e, p, s in spans]
     return out
 
 
 def add_entropies(ds, args, accelerator, model_path, tokenizer, ref=None):
     """Reference entropies for every pair, cached on disk: segmentation depends only on the
-    frozen reference model, so it costs one forward per example for the whole run. The cache
-    is keyed on what it depends on: the encoded data and the reference model's weights."""
+    frozen reference model, so it costs one forward per example for the whole run. The cache is
+    keyed on what it depends on: the encoded data and the reference model's weights."""
     key = json.dumps([ds._fingerprint, stamp(model_path)])
     name = f"entropy-{hashlib.sha1(key.encode()).hexdigest()[:16]}.arrow"
     cache = os.path.join(cache_dir("entropy"), name)
     with accelerator.main_process_first():  # the main process computes, the others read its file
         if ref is None and not os.path.exists(cache):
             ref = load_model(model_path, "causal", args.bf16).eval()
-        ref = ref and ref.to(accelerator.device)
+        ref = ref.to(accelerator.device) if ref is not None else None
+        pad, device = tokenizer.pad_token_id, accelerator.device
         return ds.map(
-            lambda rows: add_entropies_batch(rows, ref, tokenizer.pad_token_id, accelerator.device),
+            lambda rows: add_entropies_batch(rows, ref, pad, device),
             batched=True,
             batch_size=64,
             cache_file_name=cache,
             new_fingerprint=name,
-            load_from_cache_file=True,
             desc="reference entropies",
         )
 
@@ -1541,8 +1546,8 @@ def pair_collate(pad_id, bandit):
         pos = torch.arange(max(len(s) for s in seqs))
         batch = {
             "input_ids": pad_right(seqs, pad_id),
-            "attention_mask": pad_right([[1] * len(s) for s in seqs], 0),
             "content_mask": (pos >= start) & (pos < stop),
+            "attention_mask": pad_right([[1] * len(s) for s in seqs], 0),
         }
         batch["entropy"] = torch.zeros(batch["input_ids"].shape)  # bandit: not needed
         if "chosen_entropy" in rows[0]:
@@ -1553,43 +1558,33 @@ def pair_collate(pad_id, bandit):
     return collate
 
 
-def prompt_rows(ds, tokenizer, max_prompt_len):
-    """Prompt ids and text of each row: a `prompt` column (text or messages), or a conversation
-    (`chosen` / `messages`) minus its last assistant turn; cut from the left."""
-    key = next((k for k in ("prompt", "chosen", "messages") if k in ds.column_names), None)
-    if key is None:
-        fail(
-            "prompt dataset needs a 'prompt' column or a conversational 'chosen' / 'messages'; "
-            f"found {ds.column_names}"
-        )
-
-    def encode_prompt(row, i):
-        value, where = row[key], f"row {i}, column {key!r}"
-        if isinstance(value, list) and value and isinstance(value[-1], dict) and key != "prompt":
-            if value[-1].get("role") == "assistant" and len(value) == 1:
-                fail(f"row {i}: column {key!r} holds an answer without a prompt")
-            value = value[:-1] if value[-1].get("role") == "assistant" else value
-        if not value or not isinstance(value, (str, list)):
-            fail(f"row {i}: column {key!r} must hold a prompt string or a message list")
-        if isinstance(value, list):
-            check_turns(value, where)
-        elif not is_templated(value, tokenizer):
-            value = [{"role": "user", "content": value}]
-        ids = encode(tokenizer, value, "", max_prompt_len, None)[0]
-        text = value if isinstance(value, str) else value[-1]["content"]
-        return {"prompt_text": text, "input_ids": ids}
-
-    return ds.map(encode_prompt, with_indices=True, remove_columns=ds.column_names)
-
-
 def prompt_splits(args, tokenizer):
-    """Toy prompts or a dataset's, chat-formatted; the last --eval-prompts rows are held out."""
+    """Prompts (ids, and the last user turn as text), the last --eval-prompts held out: a `prompt`
+    column (text or messages), or a conversation (`chosen` / `messages`) minus its answer."""
     if args.dataset:
         ds = load_rows(args.dataset)
     else:  # toy: training prompts follow --seed; the held-out ones are the same for every seed
         rows = toy_prompt_rows(20 * args.batch_size, args.seed)
         ds = datasets.Dataset.from_list(rows + toy_prompt_rows(args.eval_prompts, seed=-1))
-    ds = prompt_rows(ds, tokenizer, args.max_prompt_len)
+    key = next((k for k in ("prompt", "chosen", "messages") if k in ds.column_names), None)
+    if key is None:
+        fail(
+            f"prompt dataset needs a 'prompt' column or a conversational 'chosen' / 'messages'; "
+            f"found {ds.column_names}"
+        )
+
+    def encode_prompt(row, i):
+        if key == "prompt":
+            prompt = as_messages(row[key], tokenizer, f"row {i}, column 'prompt'")
+        else:
+            prompt = split_conversation({key: row[key]}, key, tokenizer, i)[0]
+        ids = encode(tokenizer, prompt, "", args.max_prompt_len, None)[0]
+        return {
+            "prompt_text": prompt if isinstance(prompt, str) else prompt[-1]["content"],
+            "input_ids": ids,
+        }
+
+    ds = ds.map(encode_prompt, with_indices=True, remove_columns=ds.column_names)
     if len(ds) <= args.eval_prompts + args.batch_size:
         fail(
             f"{len(ds)} prompts: need more than --eval-prompts ({args.eval_prompts}) + "
@@ -1597,14 +1592,6 @@ def prompt_splits(args, tokenizer):
         )
     n_train = len(ds) - args.eval_prompts
     return ds.select(range(n_train)), ds.select(range(n_train, len(ds)))
-
-
-def prompt_collate(tokenizer):
-    def collate(rows):
-        ids = tokenizer.pad({"input_ids": [r["input_ids"] for r in rows]}, return_tensors="pt")
-        return {**ids, "prompt_text": [r["prompt_text"] for r in rows]}
-
-    return collate
 
 
 def cat_padded(tensors):
@@ -1631,36 +1618,15 @@ def is_hub_id(path):
 
 
 def model_folder(path):
-    """A model directory or hub id as it is; a .gguf file converted once into a plain folder."""
+    """A model directory or hub id as it is; a .gguf file converted once into a plain folder
+    (benchmarks/extras.py: gguf_folder)."""
     if path.endswith(".gguf") and os.path.isfile(path):
-        return gguf_folder(os.path.abspath(path))
+        from benchmarks.extras import gguf_folder  # converted on first use, into the cache
+
+        return gguf_folder(os.path.abspath(path), cache_dir("gguf"))
     if not os.path.isdir(path) and not is_hub_id(path):
         fail(f"model {path!r} does not exist (pass a directory, a .gguf file or a hub id)")
     return path
-
-
-def gguf_folder(path):
-    """A GGUF checkpoint (llama.cpp's format) as a transformers folder in the cache, converted on
-    first use: transformers reads GGUF (with the `gguf` package) into an ordinary model with its
-    tokenizer and chat template, but will not save it as loaded, so the folder is written once
-    without the GGUF marking and every later load is a plain from_pretrained."""
-    name = os.path.basename(path)[: -len(".gguf")]
-    folder = os.path.join(
-        cache_dir("gguf"),
-        f"{name}-{hashlib.sha1(json.dumps(stamp(path)).encode()).hexdigest()[:12]}",
-    )
-    if not os.path.exists(folder):
-        import gguf  # noqa: F401  (transformers reads GGUF files through it: checked first)
-
-        print(f"converting {path} into {folder} (once) ...", file=sys.stderr)
-        where, file = os.path.dirname(path), os.path.basename(path)
-        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=file)
-        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=file, dtype=torch.float32)
-        model.hf_quantizer.remove_quantization_config(model)  # the weights are plain float32
-        with atomic(folder) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-    return folder
 
 
 def load_tokenizer(path):
@@ -1675,8 +1641,8 @@ def load_tokenizer(path):
 def load_model(path, kind="causal", bf16=False):
     """kind: 'causal' (policy, reference), 'value' (backbone + a linear head -> 1, no bias, the
     layout of AutoModelForSequenceClassification(num_labels=1), fresh for a critic or a reward
-    model to train) or 'reward' (the same, whose head must be in the weights). Loading is the
-    check of a model folder: a missing, damaged or mismatched file fails here, with one line."""
+    model to train) or 'reward' (the same, its head in the weights). Loading is the check of a
+    model folder: a missing, damaged or misshapen file fails here, in one line."""
     path = model_folder(path)
     auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     try:
@@ -1686,24 +1652,19 @@ def load_model(path, kind="causal", bf16=False):
             if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
                 setattr(config, key, 0.0)
         dtype = torch.bfloat16 if bf16 else torch.float32
-        with quiet_loading():
-            model, info = auto.from_pretrained(
-                path,
-                config=config,
-                dtype=dtype,
-                output_loading_info=True,
-                ignore_mismatched_sizes=True,  # reported below, by name
-            )
+        model, info = auto.from_pretrained(
+            path, config=config, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
+        )
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         hint = "; the weights are damaged or truncated" if isinstance(e, SafetensorError) else ""
         fail(f"could not load model {path!r}: {first_line(e)}{hint}")
     for name, saved, needed in info["mismatched_keys"]:
         fail(f"model {path}: {name} has shape {list(saved)}, the model needs {list(needed)}")
-    heads = {k for k in info["unexpected_keys"] if "score" in k or "head" in k} - {"lm_head.weight"}
     if kind == "causal" and any(k.endswith("score.weight") for k in info["unexpected_keys"]):
         fail(f"{path} is a reward / value model; --model needs the SFT (causal LM) model")
+    heads = sorted(k for k in info["unexpected_keys"] if "head" in k and "lm_head" not in k)
     if kind == "reward" and "score.weight" in info["missing_keys"]:
-        found = f" (found {', '.join(sorted(heads))}: rename it to score.weight)" if heads else ""
+        found = f" (found {', '.join(heads)}: rename it to score.weight)" if heads else ""
         fail(f"reward model {path} has no scalar head score.weight in its weights{found}")
     if model.config.pad_token_id is None:
         eos = model.config.eos_token_id
@@ -1711,28 +1672,12 @@ def load_model(path, kind="causal", bf16=False):
     return model
 
 
-@contextlib.contextmanager
-def quiet_loading():
-    """transformers' load report lists a fresh scalar head as MISSING, which reads like an error:
-    load_model checks the loading info itself, so the report is not shown."""
-    logger = transformers_logging.get_logger("transformers.modeling_utils")
-    level = logger.level
-    logger.setLevel(40)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def load_scorers(ref_path, rm_path, bf16=False, with_ref=True):
     """The tokenizer, the frozen reference model (with_ref) and the frozen reward model (none
     for an empty rm_path), which must share one tokenizer: else the rewards are garbage."""
     tokenizer = load_tokenizer(ref_path)
     if rm_path and load_tokenizer(rm_path).get_vocab() != tokenizer.get_vocab():
-        fail(
-            f"the reward model {rm_path} and the model {ref_path} use different tokenizers; "
-            "they must share one"
-        )
+        fail(f"the reward model {rm_path} and the model {ref_path} use different tokenizers")
     ref = load_model(ref_path, "causal", bf16).eval().requires_grad_(False) if with_ref else None
     rm = load_model(rm_path, "reward", bf16).eval().requires_grad_(False) if rm_path else None
     return tokenizer, ref, rm
@@ -1754,13 +1699,6 @@ def forward(model, input_ids, attention_mask, **kwargs):
 def unwrap(model):
     """The model inside a DDP / accelerate wrapper."""
     return getattr(model, "module", model)
-
-
-def stop_token_ids(policy, end_id):
-    """The end token and every eos id of the generation config (an id, a list, or None)."""
-    eos = unwrap(policy).generation_config.eos_token_id
-    eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
-    return sorted({end_id, *eos})
 
 
 def trainable(model, args, kind):
@@ -1792,8 +1730,7 @@ def make_optimizer(model, args, total_steps):
     --min-lr-ratio x --lr."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warmup = math.ceil(args.warmup_ratio * total_steps)
-    floor = {"min_lr_rate": args.min_lr_ratio}
+    warmup, floor = math.ceil(args.warmup_ratio * total_steps), {"min_lr_rate": args.min_lr_ratio}
     scheduler = get_scheduler(
         "cosine_with_min_lr", optimizer, warmup, total_steps, scheduler_specific_kwargs=floor
     )
@@ -1801,8 +1738,8 @@ def make_optimizer(model, args, total_steps):
 
 
 def save_model(accelerator, model, tokenizer, output_dir):
-    """save_pretrained output, which loads with the standard Auto classes. Written aside and then
-    moved in: a failed save (disk full) leaves no half-written weights."""
+    """save_pretrained output, which loads with the standard Auto classes; written aside, then
+    moved in, so a failed save (disk full) leaves no half-written weights."""
     state_dict = accelerator.get_state_dict(model)  # every process: FSDP gathers its shards here
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model)
@@ -1820,11 +1757,11 @@ def save_model(accelerator, model, tokenizer, output_dir):
 
 
 # ----------------------------------------------------------------------------------------------
-# Runs, by four mechanisms (README: nothing lost): one rule for every path written
-# (output_path), every file written atomically (atomic), a run is finished or it is not
-# (start_run, finish_run, result.json), and one error boundary (main).
+# Runs, by four mechanisms (README: nothing lost): one rule for every path written (output_path),
+# every file written atomically (atomic), a run is finished or it is not (start_run, finish_run:
+# result.json), and one error boundary (main).
 
-RUN = {}  # the run this process is writing: given and real directory, lock, whether it made it
+RUN = {}  # the run this process writes: its directories, lock, and whether it made the directory
 
 
 def make_accelerator(args):
@@ -1837,17 +1774,12 @@ def make_accelerator(args):
     )
     accelerator = Accelerator(
         mixed_precision="bf16" if args.bf16 else "no",
+        dataloader_config=data,
         gradient_accumulation_steps=args.grad_accum,
         cpu=not torch.cuda.is_available(),
-        dataloader_config=data,
     )
     set_seed(args.seed)
     return accelerator
-
-
-def quiet():
-    """Progress bars on the main process of each machine only."""
-    return int(os.environ.get("LOCAL_RANK", "0")) != 0
 
 
 def reduce_dict(accelerator, values, op):
@@ -1871,7 +1803,7 @@ def cache_dir(kind):
 
 def stamp(path):
     """What an input's content is known by, cheaply: the names, sizes and modification times of
-    a file, or of a model folder's weights and config; a hub id is its own stamp."""
+    a file, or of a model folder's config and weights; a hub id is its own stamp."""
     if not path or not os.path.exists(path):
         return path
     files = [path]
@@ -1890,35 +1822,30 @@ def output_path(path, inputs, flag, kind="file"):
         fail(f"{flag} {path} is a file; pass a directory")
     if kind == "file" and (os.path.isdir(real) or not os.access(os.path.dirname(real), os.W_OK)):
         fail(f"{flag} {path} cannot be written: a folder, or its folder is missing or read-only")
-    for p in inputs:
-        if p and os.path.exists(p) and overlaps(real, os.path.realpath(p)):
+    for p in filter(os.path.exists, filter(None, inputs)):
+        if os.path.commonpath([real, os.path.realpath(p)]) in (real, os.path.realpath(p)):
             fail(f"{flag} {path} would overwrite the input {p}; pass another one")
     return real
 
 
-def overlaps(a, b):
-    """Whether resolved path a is b, or one holds the other."""
-    return os.path.commonpath([a, b]) in (a, b)
-
-
-def same_path(a, b):
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
 def start_run(args, command, accelerator, inputs, in_place=False):
-    """Claim --output-dir for this run, checking everything before anything is written. Writes
-    go to OUT itself when it is new or resumed, else to OUT.incomplete, which takes OUT's place
-    only once the run is complete (finish_run). Returns the saved result, and does nothing else,
-    when OUT holds this very run, finished (same flags, same inputs)."""
-    inputs = [] if in_place else inputs
-    final = output_path(args.output_dir, inputs, "--output-dir", kind="folder")
+    """Claim --output-dir, checking everything before anything is written. Writes go to OUT
+    itself when it is new or resumed, else to OUT.incomplete, which takes OUT's place once the
+    run is complete (finish_run). Returns the saved result, and does nothing else, when OUT
+    holds this very run (same flags, same inputs), finished. in_place: fit-norm's own folder."""
+    final = output_path(args.output_dir, [] if in_place else inputs, "--output-dir", "folder")
     staged, aside = final + ".incomplete", final + ".replaced"
-    for path in (staged, aside, final + ".lock"):  # what a run writes beside OUT, by the same rule
-        output_path(path, inputs, "--output-dir", kind="")
+    for path in (staged, aside, final + ".lock"):  # what a run writes beside OUT, by one rule
+        output_path(path, [] if in_place else inputs, "--output-dir", kind="")
     skip = ("overwrite", "resume", "save_every")  # a run is the same run whatever these say
-    record = {"command": command}
-    record |= {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-    record = {k: v for k, v in record.items() if k not in skip}
+    record = {
+        "command": command,
+        **{
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(args)
+            if f.init and f.name not in skip
+        },
+    }
     record["inputs"] = {p: stamp(p) for p in inputs if p}
     work = staged if args.resume and os.path.isfile(os.path.join(staged, "args.json")) else final
     mode = "in place" if in_place else run_mode(work, record, args)
@@ -1944,23 +1871,21 @@ def start_run(args, command, accelerator, inputs, in_place=False):
             fail(f"{final} is in use by another run; wait for it to finish")
         RUN["lock"] = lock
     RUN.update(given=args.output_dir, final=final, work=work, created=False, in_place=in_place)
-    if accelerator.is_main_process:
-        if mode != "in place":
-            if mode == "replace" or not os.path.isdir(work):
-                shutil.rmtree(work, ignore_errors=True)
-                os.makedirs(work)
-                RUN["created"] = True
-            write_json(os.path.join(work, "args.json"), record)
-            if not (args.resume and checkpoints(work)):  # no stale rows from an earlier attempt
-                open(os.path.join(work, "metrics.jsonl"), "w").close()
+    if accelerator.is_main_process and not in_place:
+        if mode == "replace" or not os.path.isdir(work):
+            shutil.rmtree(work, ignore_errors=True)
+            os.makedirs(work)
+            RUN["created"] = True
+        write_json(os.path.join(work, "args.json"), record)
+        if not (args.resume and checkpoints(work)):  # no stale rows from an earlier attempt
+            open(os.path.join(work, "metrics.jsonl"), "w").close()
     accelerator.wait_for_everyone()
     args.output_dir = work
-    return None
 
 
 def run_mode(path, record, args):
-    """What to do with `path` for the run `record`: 'new' (absent or empty), 'resume',
-    'replace' or 'finished'; fails for a directory that must be left as it is."""
+    """'new' (absent or empty), 'resume', 'replace' or 'finished' for the run `record` in
+    `path`; fails for a directory that must be left as it is."""
     if os.path.isfile(path):
         fail(f"--output-dir {path} is a file; pass a directory")
     if not os.path.isdir(path) or not os.listdir(path):
@@ -1971,33 +1896,25 @@ def run_mode(path, record, args):
         )
     old = read_json(os.path.join(path, "args.json"), "run settings")
     if old != record and args.resume:
-        flags = [
-            f"--{k.replace('_', '-')} {record.get(k)} (was {old.get(k)})"
+        keys = [
+            k
             for k in dict.fromkeys([*record, *old])
-            if old.get(k) != record.get(k) and k != "inputs"
+            if k != "inputs" and old.get(k) != record.get(k)
         ]
-        inputs = {**old.get("inputs", {}), **record["inputs"]}
-        flags += [
-            f"{p} changed"
-            for p in inputs
-            if old.get("inputs", {}).get(p) != record["inputs"].get(p)
-        ]
-        fail(
-            f"--resume: {path} was written with other flags or inputs: {', '.join(flags)}; "
-            "rerun with its flags"
-        )
+        flags = [f"--{k.replace('_', '-')} {record.get(k)} (was {old.get(k)})" for k in keys]
+        was, now = old.get("inputs", {}), record["inputs"]
+        flags += [f"{p} changed" for p in {**was, **now} if was.get(p) != now.get(p)]
+        fail(f"--resume: {path} was written with other flags: {', '.join(flags)}; rerun with them")
     if old != record and not args.overwrite:
         fail(f"{path} holds a different run; pass --overwrite or another --output-dir")
     if old == record and os.path.isfile(os.path.join(path, "result.json")) and not args.overwrite:
         return "finished"
-    if args.resume:
-        return "resume"
-    if checkpoints(path) and not args.overwrite:
+    if checkpoints(path) and not args.overwrite and not args.resume:
         fail(
             f"{path} holds checkpoints of an unfinished run; pass --resume to continue, or "
             "--overwrite to start again"
         )
-    return "replace"
+    return "resume" if args.resume else "replace"
 
 
 def finish_run(args, accelerator, result):
@@ -2014,15 +1931,14 @@ def finish_run(args, accelerator, result):
             os.replace(RUN["work"], RUN["final"])
             shutil.rmtree(aside, ignore_errors=True)
     accelerator.wait_for_everyone()
-    args.output_dir = RUN["given"]
-    RUN["created"] = False
+    args.output_dir, RUN["created"] = RUN["given"], False
     close_run()
     return result
 
 
 def close_run():
     """After a run, finished or not: a directory it created goes unless a checkpoint can resume
-    it; the lock is released."""
+    it, and the lock is released."""
     if RUN.get("created") and not checkpoints(RUN["work"]):
         shutil.rmtree(RUN["work"], ignore_errors=True)
     if "lock" in RUN:
@@ -2039,9 +1955,7 @@ def read_json(path, what):
             value = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         fail(f"could not read the {what} {path}: {e}")
-    if not isinstance(value, dict):
-        fail(f"the {what} {path} must hold a JSON object")
-    return value
+    return value if isinstance(value, dict) else fail(f"the {what} {path} must hold a JSON object")
 
 
 @contextlib.contextmanager
@@ -2072,10 +1986,8 @@ def log_metrics(args, accelerator, row):
 
 def checkpoints(output_dir):
     """Complete checkpoints in `output_dir`, oldest first (a `.tmp` one was never finished)."""
-    if not os.path.isdir(output_dir):
-        return []
-    names = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
-    steps = sorted(int(d.split("-")[1]) for d in names)
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    steps = sorted(int(d.split("-")[1]) for d in names if re.fullmatch(r"checkpoint-\d+", d))
     return [os.path.join(output_dir, f"checkpoint-{step}") for step in steps]
 
 
@@ -2093,9 +2005,8 @@ def save_checkpoint(accelerator, args, state):
         write_json(os.path.join(path + ".tmp", "state.json"), state)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(path + ".tmp", path)
-        for old in checkpoints(args.output_dir):
-            if old != path:
-                shutil.rmtree(old)
+        for old in checkpoints(args.output_dir)[:-1]:
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 
@@ -2110,7 +2021,7 @@ def load_checkpoint(accelerator, args):
         return None
     state = read_json(os.path.join(path, "state.json"), "checkpoint state")
     try:
-        rows = state["metrics_rows"] + 0
+        rows = int(state["metrics_rows"])
         accelerator.load_state(path)
     except (KeyError, TypeError, OSError, RuntimeError, ValueError, SafetensorError) as e:
         fail(f"checkpoint {path} is damaged ({first_line(e)}); remove it to resume from none")
@@ -2130,93 +2041,48 @@ def check_finite(accelerator, value, what, step):
         fail(f"non-finite {what} at step {step}")
 
 
+# ----------------------------------------------------------------------------------------------
+# Reward model settings and the paper's presets.
+
 # The paper's runs: model, cutoff c, end token, episodes, released reward models, the authors'
 # fitted normalizers (a_mu, a_sigma, b_mu, b_sigma) at c and at c = 0, the bandit's (mean, std),
 # and the reward tweaks of their runs by reward mode (see token_rewards).
+# fmt: off
 PAPER_MODELS = {
     "phi3-mini": dict(
-        model="microsoft/Phi-3-mini-4k-instruct",
-        c=1.75,
-        end_token="<|end|>",
-        episodes=2,
-        rm="yyqoni/Phi-3-mini-4k-instruct-{}-rm-700k",
-        segment=(0.7668, 0.2569, 0.4705, 2.8339),
-        token=(0.9628, 0.3796, 1.2917, 3.5006),
-        bandit=(-0.5195, 2.1563),
-        recipe={},
-    ),
+        model="microsoft/Phi-3-mini-4k-instruct", c=1.75, end_token="<|end|>", episodes=2,
+        rm="yyqoni/Phi-3-mini-4k-instruct-{}-rm-700k", recipe={},
+        segment=(0.7668, 0.2569, 0.4705, 2.8339), token=(0.9628, 0.3796, 1.2917, 3.5006),
+        bandit=(-0.5195, 2.1563)),
     "llama3-sft-8b": dict(
-        model="RLHFlow/LLaMA3-SFT-v2",
-        c=2.0,
-        end_token="<|eot_id|>",
-        episodes=1,
-        rm="yyqoni/rlhflow-llama-3-sft-8b-v2-{}-rm-700k",
-        segment=(0.8967, 0.5680, 0.8572, 4.1667),
-        token=(1.7340, 0.9906, 1.3212, 5.4513),
-        bandit=(-0.8164, 2.9531),
-        recipe={"token": {"length_norm": True}},
-    ),
+        model="RLHFlow/LLaMA3-SFT-v2", c=2.0, end_token="<|eot_id|>", episodes=1,
+        rm="yyqoni/rlhflow-llama-3-sft-8b-v2-{}-rm-700k", recipe={"token": {"length_norm": True}},
+        segment=(0.8967, 0.5680, 0.8572, 4.1667), token=(1.7340, 0.9906, 1.3212, 5.4513),
+        bandit=(-0.8164, 2.9531)),
     "llama31-instruct-8b": dict(
-        model="meta-llama/Llama-3.1-8B-Instruct",
-        c=2.0,
-        end_token="<|eot_id|>",
-        episodes=1,
+        model="meta-llama/Llama-3.1-8B-Instruct", c=2.0, end_token="<|eot_id|>", episodes=1,
         rm="yyqoni/meta-llama-3.1-instruct-8b-{}-rm-700k",
-        segment=(0.8345, 0.4780, 0.8798, 3.7358),
-        token=(1.6268, 0.6254, 0.6419, 4.9217),
-        bandit=(-0.8281, 2.9375),
         recipe={"segment": {"end_penalty": -0.05}},
-    ),
+        segment=(0.8345, 0.4780, 0.8798, 3.7358), token=(1.6268, 0.6254, 0.6419, 4.9217),
+        bandit=(-0.8281, 2.9375)),
     # Not from the paper: its recipe sized for one small GPU or a patient CPU. No released reward
     # model: `train-rm --preset smollm2-135m` writes the one that `ppo --preset` reads. c = 3.0
     # gives this model phrase-length segments (README: a real model offline); learning rates
     # scaled up for a 135M model, not tuned.
     "smollm2-135m": dict(
-        model="HuggingFaceTB/SmolLM2-135M-Instruct",
-        c=3.0,
-        end_token="<|im_end|>",
-        episodes=1,
-        rm=None,
-        recipe={},
-        rm_sizes=dict(lr=1e-5, batch_size=64, max_len=1024, max_prompt_len=768),
-        ppo_sizes=dict(
-            lr=1e-6,
-            critic_lr=1e-5,
-            batch_size=256,
-            mini_batch_size=32,
-            grad_accum=4,
-            max_prompt_len=512,
-            max_new_tokens=512,
-            max_len=1024,
-        ),
-    ),
+        model="HuggingFaceTB/SmolLM2-135M-Instruct", c=3.0, end_token="<|im_end|>", episodes=1,
+        rm=None, recipe={}, rm_sizes=dict(lr=1e-5, batch_size=64, max_len=1024, max_prompt_len=768),
+        ppo_sizes=dict(lr=1e-6, critic_lr=1e-5, batch_size=256, mini_batch_size=32, grad_accum=4,
+                       max_prompt_len=512, max_new_tokens=512, max_len=1024)),
 }
-PAPER_RM = dict(
-    dataset="hendrydong/preference_700K",
-    lr=1e-6,
-    epochs=1,
-    batch_size=128,
-    grad_accum=16,
-    max_len=2048,
-    max_prompt_len=1728,
-    eval_size=1000,
-    norm_samples=60000,
-    long_pairs="truncate",
-)
-PAPER_PPO = dict(
-    dataset="argilla/ultrafeedback-binarized-preferences-cleaned",
-    lr=5e-7,
-    critic_lr=9e-6,
-    batch_size=1024,
-    mini_batch_size=128,
-    grad_accum=16,
-    ppo_epochs=1,
-    max_prompt_len=1024,
-    max_new_tokens=1024,
-    max_len=2048,
-    beta=0.01,
-    missing_eos_penalty=0.0,
-)
+PAPER_RM = dict(dataset="hendrydong/preference_700K", lr=1e-6, epochs=1, batch_size=128,
+                grad_accum=16, max_len=2048, max_prompt_len=1728, eval_size=1000,
+                norm_samples=60000, long_pairs="truncate")
+PAPER_PPO = dict(dataset="argilla/ultrafeedback-binarized-preferences-cleaned", lr=5e-7,
+                 critic_lr=9e-6, batch_size=1024, mini_batch_size=128, grad_accum=16, ppo_epochs=1,
+                 max_prompt_len=1024, max_new_tokens=1024, max_len=2048, beta=0.01,
+                 missing_eos_penalty=0.0)
+# fmt: on
 PAPER_BOTH = dict(bf16=True, gradient_checkpointing=True, min_lr_ratio=0.1, head_init="authors")
 
 
@@ -2225,9 +2091,8 @@ def preset_defaults(name, command):
     to runs/<preset>-segment-rm; its ppo uses the released one (--reward-model names another)."""
     if name not in PAPER_MODELS:
         fail(f"unknown --preset {name!r}; choose from {', '.join(PAPER_MODELS)}")
-    m = PAPER_MODELS[name]
+    m, trained = PAPER_MODELS[name], f"runs/{name}-segment-rm"
     common = {"model": m["model"], "end_token": m["end_token"]}
-    trained = f"runs/{name}-segment-rm"
     if command == "train-rm":
         sizes = {**m.get("rm_sizes", {}), "entropy_threshold": m["c"], "output_dir": trained}
         return {**PAPER_RM, **PAPER_BOTH, **common, **sizes}
@@ -2244,22 +2109,17 @@ def released_rm_settings(path):
     huggingface_hub finds it), whose config's mean / std (OpenRLHF's) win over the table's."""
     for m in (m for m in PAPER_MODELS.values() if m["rm"]):
         for kind, c in (("segment", m["c"]), ("token", 0.0), ("bandit", math.inf)):
-            repo = m["rm"].format(kind)
-            cached = try_to_load_from_cache(repo, "config.json")
-            local = os.path.isdir(path) and (
-                os.path.basename(os.path.normpath(path)) == repo.split("/")[1]
-                or isinstance(cached, str)
-                and same_path(os.path.dirname(cached), path)
-            )
-            if path != repo and not local:
+            repo, local = m["rm"].format(kind), os.path.isdir(path)
+            cached = try_to_load_from_cache(repo, "config.json") if local else None
+            snapshot = isinstance(cached, str) and os.path.samefile(os.path.dirname(cached), path)
+            named = local and os.path.basename(os.path.normpath(path)) == repo.split("/")[1]
+            if path != repo and not named and not snapshot:
                 continue
-            mean, std = m["bandit"]
             settings = {
                 "entropy_threshold": c,
                 "reference_model": m["model"],
                 "end_token": m["end_token"],
-                "mean": mean,
-                "std": std,
+                **dict(zip(("mean", "std"), m["bandit"])),
             }
             if kind != "bandit":
                 settings["normalizer"] = list(m[kind])
@@ -2270,33 +2130,27 @@ def released_rm_settings(path):
 
 def load_rm_settings(path):
     """Segmentation settings and normalizer of a reward model, checked once, here: `segment_rlhf`
-    in its config.json (with OpenRLHF's mean / std beside it), or the released models' table."""
+    in its config.json (OpenRLHF's mean / std beside it), or the released models' table."""
     file = os.path.join(path, "config.json")
     config = read_json(file, "model config") if os.path.isfile(file) else {}
     if "segment_rlhf" not in config:
-        settings = released_rm_settings(path)
-        if settings is None:
-            fail(
-                f"reward model {path!r} has no segment_rlhf settings in its config.json; train "
-                "it with train-rm or use --preset"
-            )
-        return settings
+        return released_rm_settings(path) or fail(
+            f"reward model {path!r} has no segment_rlhf settings in its config.json; train it "
+            "with train-rm or use --preset"
+        )
     settings = {**config["segment_rlhf"], **{k: config[k] for k in ("mean", "std") if k in config}}
     missing = [
         k for k in ("entropy_threshold", "reference_model", "end_token") if k not in settings
     ]
     if missing:
         fail(f"{file} lacks {', '.join(missing)}; retrain with train-rm or restore the file")
-    if not all(isinstance(settings[k], str) for k in ("reference_model", "end_token")):
-        fail(f"{file}: reference_model and end_token must be strings")
-    if not is_number(settings["entropy_threshold"]) or not settings["entropy_threshold"] >= 0:
-        fail(f"{file}: entropy_threshold must be a number >= 0 (inf: bandit)")
-    norm = settings.get("normalizer")
-    if norm is not None and not (isinstance(norm, list) and len(norm) == 4):
-        fail(f"{file}: normalizer must be [a_mu, a_sigma, b_mu, b_sigma]; refit with fit-norm")
+    norm, c = settings.get("normalizer"), settings["entropy_threshold"]
     numbers = [*(norm or []), *(settings[k] for k in ("mean", "std") if k in settings)]
-    if not all(is_number(v) and math.isfinite(v) for v in numbers):
-        fail(f"{file}: the normalizer holds non-finite or non-numeric values; refit with fit-norm")
+    ok = norm is None or isinstance(norm, list) and len(norm) == 4
+    ok &= all(isinstance(settings[k], str) for k in ("reference_model", "end_token"))
+    ok &= is_number(c) and c >= 0 and all(is_number(v) and math.isfinite(v) for v in numbers)
+    if not ok:
+        fail(f"{file}: the settings hold non-finite or malformed values; refit with fit-norm")
     ref = settings["reference_model"]
     if ref.startswith("."):  # stored relative to the reward model (write_rm_settings)
         ref = os.path.abspath(os.path.join(path, ref))
@@ -2348,15 +2202,15 @@ def planned_rm_settings(args):
     """The reward model's settings; for one not trained yet (the toy's, or the one a preset's
     train-rm writes), those it will be trained with."""
     path, preset = args.reward_model, args.preset
-    if not os.path.isdir(path) or not has_settings(path):
-        if path == TOY_RM:
-            return {
-                "entropy_threshold": RMArgs.entropy_threshold,
-                "normalizer": "fitted by train-rm",
-            }
-        if preset and path == preset_defaults(preset, "train-rm")["output_dir"]:
-            c = PAPER_MODELS[preset]["c"]
-            return {"entropy_threshold": c, "normalizer": f"fitted by train-rm --preset {preset}"}
+    if path == TOY_RM and not has_settings(path):
+        return {"entropy_threshold": RMArgs.entropy_threshold, "normalizer": "fitted by train-rm"}
+    if (
+        preset
+        and path == preset_defaults(preset, "train-rm")["output_dir"]
+        and not has_settings(path)
+    ):
+        c = PAPER_MODELS[preset]["c"]
+        return {"entropy_threshold": c, "normalizer": f"fitted by train-rm --preset {preset}"}
     return load_rm_settings(path)
 
 
@@ -2379,8 +2233,7 @@ def resolve_reward(args, settings):
         )
     if args.value_clip is None:
         args.value_clip = 0.2 if args.reward_mode == "bandit" else 0.25  # the paper's values
-    recipe = PAPER_MODELS[args.preset]["recipe"] if args.preset else {}
-    recipe = recipe.get(args.reward_mode, {})
+    recipe = PAPER_MODELS[args.preset]["recipe"].get(args.reward_mode, {}) if args.preset else {}
     if args.length_norm is None:
         args.length_norm = recipe.get("length_norm", False)
     if args.end_penalty is None:
@@ -2398,8 +2251,8 @@ def ensure_reward_model(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Seeing what the method sees: responses cut into their segments, with their rewards. The HTML
-# page and the normalizer plot are drawn by benchmarks/pictures.py.
+# Seeing what the method sees: responses cut into their segments, with their rewards. The
+# terminal view, the HTML page and the normalizer plot are drawn by benchmarks/extras.py.
 
 
 def segment_rewards(reward_model, conversations, model="", batch_size=16):
@@ -2416,10 +2269,11 @@ def segment_rewards(reward_model, conversations, model="", batch_size=16):
     reference model, when the one recorded in the settings has moved."""
     settings = load_rm_settings(reward_model)
     tokenizer, ref, rm = load_scorers(model or settings["reference_model"], reward_model)
-    pairs = []
-    for c in conversations:
-        row = {"prompt": c[0], "response": c[1]} if isinstance(c, tuple) else {"response": c}
-        pairs.append(split_conversation(row, "response", tokenizer))
+    rows = [
+        {"prompt": c[0], "response": c[1]} if isinstance(c, tuple) else {"response": c}
+        for c in conversations
+    ]
+    pairs = [split_conversation(row, "response", tokenizer) for row in rows]
     end_id = end_token_id(tokenizer, settings["end_token"])
     cut = cut_segments(tokenizer, ref, rm, pairs, settings["entropy_threshold"], end_id, batch_size)
     out = []
@@ -2441,142 +2295,94 @@ def cut_segments(tokenizer, ref, rm, pairs, threshold, end_id, batch_size=16):
             encode(tokenizer, p, r, 10**9, end_id) for p, r in pairs[start : start + batch_size]
         ]
         seqs = [p + r for p, r in encoded]
-        ids = pad_right(seqs, tokenizer.pad_token_id)
-        mask = pad_right([[1] * len(s) for s in seqs], 0)
+        ids, mask = (
+            pad_right(seqs, tokenizer.pad_token_id),
+            pad_right([[1] * len(s) for s in seqs], 0),
+        )
         entropy = reference_entropy(ref, ids, mask)
-        values = None if rm is None else token_values(rm, ids, mask).tolist()
         pos = torch.arange(ids.shape[1])
         first = torch.tensor([len(p) for p, _ in encoded])[:, None]
         # content: the response, minus its end token except for the bandit (read at the end token)
-        drop_end = end_id is not None and not math.isinf(threshold)
-        last = torch.tensor([len(s) for s in seqs])[:, None] - int(drop_end)
+        last = torch.tensor([len(s) for s in seqs])[:, None]
+        last -= int(end_id is not None and not math.isinf(threshold))
         ends = segment_ends(entropy, (pos >= first) & (pos < last), threshold)
-        for k, (prompt_ids, _) in enumerate(encoded):
-            row_values = None if values is None else values[k]
-            out.append(
-                segments_of(tokenizer, ids[k], entropy[k], ends[k], row_values, len(prompt_ids))
-            )
+        values = token_values(rm, ids, mask).tolist() if rm is not None else [None] * len(seqs)
+        entropy = entropy.tolist()
+        for k, (p, _) in enumerate(encoded):
+            stops = ends[k].nonzero().squeeze(1).tolist()
+            segments = []
+            for a, b in zip([len(p)] + [s + 1 for s in stops[:-1]], stops):
+                span = ids[k, a : b + 1].tolist()
+                seg = {
+                    "text": tokenizer.decode(span),
+                    "entropy": round(entropy[k][b], 3),
+                    "tokens": tokenizer.batch_decode([[t] for t in span]),  # one call a segment
+                    "token_entropy": [round(h, 3) for h in entropy[k][a : b + 1]],
+                }
+                if values[k] is not None:
+                    seg["reward"] = round(values[k][b], 3)
+                segments.append(seg)
+            out.append(segments)
     return out
 
 
-def segments_of(tokenizer, ids, entropy, ends, values, first):
-    """One row's segments, from `first` (where its response starts) to each segment end."""
-    stops = ends.nonzero().squeeze(1).tolist()
-    entropy = entropy.tolist()
-    segments = []
-    for a, b in zip([first] + [s + 1 for s in stops[:-1]], stops):
-        span = ids[a : b + 1].tolist()
-        tokens = tokenizer.batch_decode([[t] for t in span])  # one call, not one per token
-        seg = {"text": tokenizer.decode(span), "tokens": tokens}
-        seg["token_entropy"] = [round(h, 3) for h in entropy[a : b + 1]]
-        seg["entropy"] = round(entropy[b], 3)
-        if values is not None:
-            seg["reward"] = round(values[b], 3)
-        segments.append(seg)
-    return segments
-
-
 def segment(args):
-    """The `segment` subcommand: print (and draw) responses cut into their segments."""
-    if args.text is not None and {args.prompt, args.response, args.dataset} != {None}:
-        fail("--text and --prompt / --response / --dataset are two inputs: pass one of them")
-    if args.text is not None and not args.text.strip():
-        fail("--text is empty")
+    """The `segment` subcommand: print (and draw) responses cut into their segments: --text
+    (raw, no template, no end token), --prompt / --response, the chosen and rejected responses of
+    a --dataset row, or the toy's demo pair when no input is given."""
+    given = [f"--{k}" for k in ("text", "response", "dataset") if getattr(args, k) is not None]
+    if args.prompt is not None and args.response is None:
+        fail("--prompt needs --response: the response is what gets segmented")
+    if len(given) > 1:
+        fail(f"{' and '.join(given)} are two inputs: pass one of them")
     settings = load_rm_settings(args.reward_model) if args.reward_model else {}
     threshold = args.entropy_threshold
     threshold = settings.get("entropy_threshold", 1.0) if threshold is None else threshold
     model_path = reference_model(args, settings) if settings else args.model or toy_sft_model()
-    inputs = [model_path, args.reward_model, args.dataset]
-    page = args.html and output_path(args.html, inputs, "--html")
+    page = args.html and output_path(
+        args.html, [model_path, args.reward_model, args.dataset], "--html"
+    )
     tokenizer, ref, rm = load_scorers(model_path, args.reward_model)
-    shown = segment_inputs(args, tokenizer)
-    end_id = None
-    if args.text is None:
-        end_id = end_token_id(tokenizer, args.end_token or settings.get("end_token", ""))
-    pairs = [(prompt, response) for _, prompt, response in shown]
-    cut = cut_segments(tokenizer, ref, rm, pairs, threshold, end_id)
-    if not all(cut):
-        fail("the response is empty")
+    demo = [{"role": "user", "content": TOY_DEMO[0]}]
+    shown = [("chosen", demo, TOY_DEMO[1]), ("rejected", demo, TOY_DEMO[2])]
+    if args.text is not None:
+        shown = [("text", "", args.text)]
+    elif args.response is not None:
+        shown = [("response", [{"role": "user", "content": args.prompt or ""}], args.response)]
+    elif args.dataset is not None:
+        rows = load_rows(args.dataset)
+        if not 0 <= args.row < len(rows):
+            fail(f"--row {args.row} is outside the dataset's {len(rows)} rows")
+        check_columns(rows, ["chosen"])
+        row, name = rows[args.row], f"row {args.row}"
+        if "rejected" in row:
+            prompt, chosen, rejected = split_pair(row, tokenizer, args.row)
+            shown = [(f"{name}, chosen", prompt, chosen), (f"{name}, rejected", prompt, rejected)]
+        else:
+            shown = [(f"{name}, chosen", *split_conversation(row, "chosen", tokenizer, args.row))]
+    if not all(response.strip() for _, _, response in shown):
+        fail(f"the {shown[0][0]} is empty")
+    end_id = (
+        None
+        if args.text is not None
+        else end_token_id(tokenizer, args.end_token or settings.get("end_token", ""))
+    )
+    cut = cut_segments(tokenizer, ref, rm, [(p, r) for _, p, r in shown], threshold, end_id)
     views = [{"title": title, "segments": segs} for (title, _, _), segs in zip(shown, cut)]
-    for view in views:
-        print(f"{view['title']}:\n{segments_terminal(view['segments'], sys.stdout.isatty())}")
-    if page:
-        from benchmarks.pictures import segments_html
+    from benchmarks import extras
 
+    for view in views:
+        print(
+            f"{view['title']}:\n{extras.segments_terminal(view['segments'], sys.stdout.isatty())}"
+        )
+    if page:
         with atomic(page) as tmp, open(tmp, "w") as f:
-            f.write(segments_html(views, threshold))
+            f.write(extras.segments_html(views, threshold))
     keys = ("text", "entropy", "reward")
     brief = [
         {**v, "segments": [{k: s[k] for k in keys if k in s} for s in v["segments"]]} for v in views
     ]
     return {"entropy_threshold": threshold, "segments": brief[0]["segments"], "views": brief}
-
-
-def segment_inputs(args, tokenizer):
-    """[(title, prompt, response)] to show: --text, --prompt / --response, the chosen and
-    rejected responses of a --dataset row side by side, or the toy's demo pair when no input at
-    all is given."""
-    if args.text is not None:  # raw text: no template, no end token, every token is content
-        return [("text", "", args.text)]
-    if args.dataset is not None and (args.prompt is not None or args.response is not None):
-        fail("--dataset and --prompt / --response are two inputs: pass one of them")
-    if args.prompt is not None and args.response is None:
-        fail("--prompt needs --response: the response is what gets segmented")
-    if args.response is not None and not args.response.strip():
-        fail("--response is empty")
-    if args.response is not None:
-        return [("response", [{"role": "user", "content": args.prompt or ""}], args.response)]
-    if args.dataset is None:
-        prompt, chosen, rejected = TOY_DEMO
-        user = [{"role": "user", "content": prompt}]
-        return [("chosen", user, chosen), ("rejected", user, rejected)]
-    rows = load_rows(args.dataset)
-    if not 0 <= args.row < len(rows):
-        fail(f"--row {args.row} is outside the dataset's {len(rows)} rows")
-    check_columns(rows, ["chosen"])
-    row = rows[args.row]
-    if "rejected" in row:
-        prompt, chosen, rejected = split_pair(row, tokenizer, args.row)
-        return [
-            (f"row {args.row}, chosen", prompt, chosen),
-            (f"row {args.row}, rejected", prompt, rejected),
-        ]
-    return [(f"row {args.row}, chosen", *split_conversation(row, "chosen", tokenizer, args.row))]
-
-
-# The segment view's colours: white at reward 0, red below and green above, full at |r| = scale
-# (the largest |reward| shown, so one page shares one scale); grey tints when there is no reward.
-RED, GREEN, GREYS = (226, 92, 82), (84, 178, 106), ((236, 240, 245), (222, 228, 236))
-
-
-def segment_rgb(segment, k, scale):
-    """Background of segment k: by its reward on the diverging scale, else alternating greys."""
-    if segment.get("reward") is None:
-        return GREYS[k % 2]
-    t = min(1.0, abs(segment["reward"]) / scale)
-    return tuple(round(255 + (c - 255) * t) for c in (RED if segment["reward"] < 0 else GREEN))
-
-
-def reward_scale(views):
-    return max((abs(s.get("reward") or 0) for v in views for s in v["segments"]), default=0) or 1
-
-
-def segments_terminal(segments, color):
-    """The response on one line, each segment on its reward's colour (24-bit ANSI) when `color`,
-    else plain and separated by ' | '; then a numbered table of the segments."""
-    scale = reward_scale([{"segments": segments}])
-    parts = []
-    for k, seg in enumerate(segments):
-        text = seg["text"].replace("\n", "\\n")
-        if color:
-            rgb = ";".join(map(str, segment_rgb(seg, k, scale)))
-            text = f"\033[48;2;{rgb}m\033[38;2;27;31;36m{text}\033[0m"
-        parts.append(text)
-    lines = ["".join(parts) if color else " | ".join(parts)]
-    for k, seg in enumerate(segments):
-        reward = "" if seg.get("reward") is None else f"  r={seg['reward']:+7.3f}"
-        lines.append(f"{k + 1:3d}  H={seg['entropy']:6.3f}{reward}  {seg['text']!r}")
-    return "\n".join(lines)
 
 
 def sample_table(tokenizer, data, i):
@@ -2648,8 +2454,8 @@ def resolve(command, args):
         fail(f"--max-prompt-len ({args.max_prompt_len}) must be below --max-len ({args.max_len})")
     if command == "ppo" and args.max_prompt_len + args.max_new_tokens > args.max_len:
         fail(
-            f"--max-prompt-len + --max-new-tokens ({args.max_prompt_len} + "
-            f"{args.max_new_tokens}) must not exceed --max-len ({args.max_len})"
+            f"--max-prompt-len + --max-new-tokens ({args.max_prompt_len} + {args.max_new_tokens})"
+            f" must not exceed --max-len ({args.max_len})"
         )
     if args.resume and args.overwrite:
         fail("--resume continues a run and --overwrite starts it again: pass one of them")
@@ -2694,6 +2500,9 @@ def interrupt(signum, frame):
 
 def main(argv=None):
     command, previous = None, signal.signal(signal.SIGTERM, interrupt)
+    # transformers reports a fresh scalar head as MISSING, which reads like an error: load_model
+    # checks the loading info itself, so that report is not shown.
+    transformers_logging.get_logger("transformers.modeling_utils").setLevel("ERROR")
     try:
         command, args = parse_args(argv)
         args = resolve(command, args)
@@ -2717,14 +2526,12 @@ def main(argv=None):
         print(f"segment_rlhf: error: interrupted{how}{hint}", file=sys.stderr)
         raise SystemExit(143 if e.args else 130) from None
     except SystemExit as e:  # a fail() line: say where a failed run stands
-        if isinstance(e.code, str) and RUN:
-            raise SystemExit(e.code + checkpoint_hint()) from None
-        raise
+        raise SystemExit(e.code + where_it_stands()) if isinstance(e.code, str) else e from None
     except (OSError, RuntimeError, ValueError, ImportError, SafetensorError) as e:
         if os.environ.get("SEGMENT_RLHF_DEBUG"):
             raise
         how = "" if isinstance(e, OSError) else " (SEGMENT_RLHF_DEBUG=1 shows the traceback)"
-        raise SystemExit(f"segment_rlhf: error: {first_line(e)}{how}{checkpoint_hint()}") from None
+        raise SystemExit(f"segment_rlhf: error: {first_line(e)}{how}{where_it_stands()}") from None
     finally:
         close_run()  # a run that did not finish leaves no directory it created
         signal.signal(signal.SIGTERM, previous)
@@ -2732,12 +2539,10 @@ def main(argv=None):
     return result
 
 
-def checkpoint_hint():
-    """Where a failed run stands, for its error line."""
-    if not RUN:
-        return ""
-    last = (checkpoints(RUN["work"]) or ["none (pass --save-every N to keep some)"])[-1]
-    return f"; last good checkpoint: {last}"
+def where_it_stands():
+    """The end of a failed run's error line: its newest complete checkpoint."""
+    none = "none (pass --save-every N to keep some)"
+    return f"; last good checkpoint: {(checkpoints(RUN['work']) or [none])[-1]}" if RUN else ""
 
 
 if __name__ == "__main__":

@@ -637,7 +637,9 @@ def test_segment_page_shades_each_segment_and_escapes_what_it_shows(toy, tmp_pat
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; fig." in shown
     assert "<script" not in text.lower()  # the page runs no script
     assert "\033[" not in capsys.readouterr().out  # not a terminal: plain text
-    assert "\033[48;2;" in S.segments_terminal(out["segments"], color=True)
+    from benchmarks.extras import segments_terminal
+
+    assert "\033[48;2;" in segments_terminal(out["segments"], color=True)
 
 
 def test_fit_norm_refits_the_saved_normalizer(toy):
@@ -735,7 +737,7 @@ BAD_INPUT = {
     ),
     "non-string message contents": (
         ["train-rm", "--model", "{sft}", "--dataset", "{tmp}/int_prompt.jsonl"],
-        "message contents must be strings",
+        "the prompt must be a string or a message list",
     ),
     "conversation whose last turn is the user's": (
         ["train-rm", "--model", "{sft}", "--dataset", "{tmp}/user_last.jsonl"],
@@ -1129,7 +1131,7 @@ HOSTILE = {
         "rerun over checkpoints without --resume": (RUN_RM, "pass --resume to continue, or"),
         "resume under other flags": (
             RUN_RM + ["--resume", "--batch-size", "16"],
-            "--batch-size 16 (was 32); rerun with its flags",
+            "--batch-size 16 (was 32); rerun with them",
         ),
         "both --resume and --overwrite": (RUN_RM + ["--resume", "--overwrite"], "pass one of"),
         "ppo policy that is a reward model": (
@@ -1163,7 +1165,7 @@ HOSTILE = {
         "unreadable parquet": (RM + ["--dataset", "{tmp}/bad.parquet"], "could not read"),
         "prompt column of the wrong type": (
             PPO + ["--reward-model", "{rm}", "--dataset", "{tmp}/int_prompts.jsonl"],
-            "row 0: column 'prompt' must hold a prompt string",
+            "row 0, column 'prompt': the prompt must be a string or a message list",
         ),
         "html path that cannot be written": (
             ["segment", "--model", "{sft}", "--html", "{tmp}/notes"],

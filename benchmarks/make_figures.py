@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import segment_rlhf as S  # noqa: E402
-from benchmarks import pictures  # noqa: E402
+from benchmarks import extras  # noqa: E402
 
 DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs")
 
@@ -72,7 +72,7 @@ def normalizer_plot(rm_dir, png):
     positions, rewards, _ = S.collect_segment_rewards(
         model, loader, settings["entropy_threshold"], accelerator
     )
-    pictures.plot_normalizer(png, positions, rewards, settings["normalizer"])
+    extras.plot_normalizer(png, positions, rewards, settings["normalizer"])
 
 
 def learning_curve(metrics, png):

@@ -1,18 +1,59 @@
-"""Pictures of the method, drawn for `segment --html` and `fit-norm --plot` (and by
-benchmarks/make_figures.py): kept out of segment_rlhf.py, which reads as the method.
+"""What segment_rlhf.py leaves out of its reading, imported by it where used: the views of a
+response cut into its segments (`segment` in the terminal, `segment --html` as a page), the
+normalizer plot (`fit-norm --plot`, benchmarks/make_figures.py) and the GGUF conversion
+(`--model FILE.gguf`).
 
-- segments_html: a self-contained page, each response with its segments shaded by reward (red
-  below zero, green above) and a bar under every token for its entropy, the cutoff drawn across.
+- segments_terminal: the response on one line, each segment on its reward's colour, then a
+  numbered table; segments_html: a self-contained page, each response with its segments shaded
+  by reward (red below zero, green above) and a bar under every token for its entropy, the
+  cutoff drawn across.
 - plot_normalizer: the segment rewards' mean and std per position p = k / K with the fitted
   location-aware lines mu(p) and sigma(p) (needs matplotlib).
+- gguf_folder: a GGUF checkpoint as a plain transformers folder in the cache, converted once.
 """
 
+import hashlib
 import html
 import math
+import os
+import sys
 
 import torch
 
-from segment_rlhf import reward_scale, segment_rgb
+# The segment view's colours: white at reward 0, red below and green above, full at |r| = scale
+# (the largest |reward| shown, so one page shares one scale); grey tints when there is no reward.
+RED, GREEN, GREYS = (226, 92, 82), (84, 178, 106), ((236, 240, 245), (222, 228, 236))
+
+
+def segment_rgb(segment, k, scale):
+    """Background of segment k: by its reward on the diverging scale, else alternating greys."""
+    if segment.get("reward") is None:
+        return GREYS[k % 2]
+    t = min(1.0, abs(segment["reward"]) / scale)
+    return tuple(round(255 + (c - 255) * t) for c in (RED if segment["reward"] < 0 else GREEN))
+
+
+def reward_scale(views):
+    return max((abs(s.get("reward") or 0) for v in views for s in v["segments"]), default=0) or 1
+
+
+def segments_terminal(segments, color):
+    """The response on one line, each segment on its reward's colour (24-bit ANSI) when `color`,
+    else plain and separated by ' | '; then a numbered table of the segments."""
+    scale = reward_scale([{"segments": segments}])
+    parts = []
+    for k, seg in enumerate(segments):
+        text = seg["text"].replace("\n", "\\n")
+        if color:
+            rgb = ";".join(map(str, segment_rgb(seg, k, scale)))
+            text = f"\033[48;2;{rgb}m\033[38;2;27;31;36m{text}\033[0m"
+        parts.append(text)
+    lines = ["".join(parts) if color else " | ".join(parts)]
+    for k, seg in enumerate(segments):
+        reward = "" if seg.get("reward") is None else f"  r={seg['reward']:+7.3f}"
+        lines.append(f"{k + 1:3d}  H={seg['entropy']:6.3f}{reward}  {seg['text']!r}")
+    return "\n".join(lines)
+
 
 PAGE_CSS = """
 body{font:15px/1.45 system-ui,sans-serif;color:#1b1f24;margin:20px 24px;background:#fafbfc}
@@ -114,3 +155,30 @@ def plot_normalizer(path, positions, rewards, params):
     plt.legend()
     plt.tight_layout()
     plt.savefig(path)
+
+
+def gguf_folder(path, cache):
+    """A GGUF checkpoint (llama.cpp's format) as a transformers folder in `cache`, converted on
+    first use: transformers reads GGUF (with the `gguf` package) into an ordinary model with its
+    tokenizer and chat template, but will not save it as loaded, so the folder is written once
+    without the GGUF marking (under a temporary name, then renamed) and every later load is a
+    plain from_pretrained. The folder's name follows the file's path, size and time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = os.stat(path)
+    key = hashlib.sha1(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    folder = os.path.join(cache, f"{os.path.basename(path)[: -len('.gguf')]}-{key}")
+    if os.path.exists(folder):
+        return folder
+    import gguf  # noqa: F401  (transformers reads GGUF files through it: checked before the work)
+
+    print(f"converting {path} into {folder} (once) ...", file=sys.stderr)
+    where, file = os.path.dirname(path), os.path.basename(path)
+    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=file)
+    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=file, dtype=torch.float32)
+    model.hf_quantizer.remove_quantization_config(model)  # the weights are plain float32 already
+    tmp = f"{folder}.tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, folder)
+    return folder
