@@ -81,13 +81,13 @@ def arg(default, help, **extra):
 
 @dataclass
 class Common:
-    model: str = arg("", "SFT / reference model: hub id, directory or .gguf (default: toy SFT)")
-    dataset: str = arg("", "hub id or a .json/.jsonl/.parquet file (default: the toy task)")
-    output_dir: str = arg("", "where the run is written (default: runs/toy-<subcommand>)")
+    model: str = arg("", "SFT / reference model: hub id, directory or .gguf (unset: toy SFT)")
+    dataset: str = arg("", "hub id or a .json/.jsonl/.parquet file (unset: the toy task)")
+    output_dir: str = arg("", "where the run is written (unset: runs/toy-<subcommand>)")
     seed: int = arg(0, "random seed")
     max_len: int = arg(64, "max tokens of prompt + response")
     max_prompt_len: int = arg(32, "prompts longer than this are cut from the left")
-    end_token: str = arg("", "token closing a response (default: the tokenizer's eos)")
+    end_token: str = arg("", "token closing a response (unset: the tokenizer's eos)")
     lr: float = arg(1e-3, "learning rate")
     batch_size: int = arg(32, "global batch size (pairs for train-rm, prompts for ppo)")
     grad_accum: int = arg(1, "gradient accumulation steps per optimizer step")
@@ -134,8 +134,8 @@ class FitNormArgs(Common):
 
 @dataclass
 class PPOArgs(Common):
-    reward_model: str = arg("", "reward model: directory or hub id (default: the toy one)")
-    reward_mode: str = arg("", "default: the RM's", choices=("segment", "token", "bandit"))
+    reward_model: str = arg("", "reward model: directory or hub id (unset: the toy one)")
+    reward_mode: str = arg("", "unset: the RM's", choices=("segment", "token", "bandit"))
     interpolation: str = arg("even", "within-segment split", choices=("even", "last", "repeat"))
     location_norm: bool = arg(True, "location-aware normalization (--no-location-norm: raw)")
     steps: int = arg(120, "PPO iterations (rollout batch + update)")
@@ -149,7 +149,7 @@ class PPOArgs(Common):
     gamma: float = arg(1.0, "discount")
     lam: float = arg(0.95, "GAE lambda")
     clip_eps: float = arg(0.2, "policy ratio clip")
-    value_clip: float | None = arg(None, "value clip (default: 0.25 dense, 0.2 bandit)")
+    value_clip: float | None = arg(None, "value clip (unset: 0.25 dense, 0.2 bandit)")
     temperature: float = arg(1.0, "sampling temperature")
     top_p: float = arg(1.0, "nucleus sampling")
     max_new_tokens: int = arg(24, "generation length limit")
@@ -172,11 +172,11 @@ class SegmentArgs:
     text: str | None = arg(None, "raw text to segment, no chat template")
     dataset: str | None = arg(None, "take the pair from this dataset's row --row")
     row: int = arg(0, "dataset row")
-    model: str = arg("", "reference model giving the entropies (default: the reward model's)")
+    model: str = arg("", "reference model giving the entropies (unset: the reward model's)")
     reward_model: str = arg("", "reward model directory: adds segment rewards")
-    entropy_threshold: float | None = arg(None, "cutoff c (default: the reward model's, else 1)")
+    entropy_threshold: float | None = arg(None, "cutoff c (unset: the reward model's, else 1)")
     html: str = arg("", "also write the segments as an HTML page to this file")
-    end_token: str = arg("", "token closing a response (default: the tokenizer's eos)")
+    end_token: str = arg("", "token closing a response (unset: the tokenizer's eos)")
 
 
 # The values each number may take, in interval notation: a value outside (NaN included) would run
@@ -1452,10 +1452,8 @@ def prepare_pairs(ds, tokenizer, args, end_id):
         skip = ""
         if not prompt_ids:
             skip = "no prompt (implicit layout without a shared prefix)"
-        elif (
-            min(len(chosen_ids), len(rejected_ids)) < 2
-            or not chosen.strip()
-            or not rejected.strip()
+        elif min(len(chosen_ids), len(rejected_ids)) < 2 or not (
+            chosen.strip() and rejected.strip()
         ):
             skip = "empty response"
         elif chosen_ids == rejected_ids:
@@ -1517,7 +1515,12 @@ def add_entropies(ds, args, accelerator, model_path, tokenizer, ref=None):
     keyed on what it depends on: the encoded data and the reference model's weights."""
     key = json.dumps([ds._fingerprint, stamp(model_path)])
     name = f"entropy-{hashlib.sha1(key.encode()).hexdigest()[:16]}.arrow"
-    cache = os.path.join(cache_dir("entropy"), name)
+    cache = output_path(
+        os.path.join(cache_dir("entropy"), name),
+        [model_path, args.dataset],
+        "the entropy cache ($SEGMENT_RLHF_CACHE)",
+        kind="",
+    )
     with accelerator.main_process_first():  # the main process computes, the others read its file
         if ref is None and not os.path.exists(cache):
             ref = load_model(model_path, "causal", args.bf16).eval()
@@ -1574,10 +1577,12 @@ def prompt_splits(args, tokenizer):
         )
 
     def encode_prompt(row, i):
-        if key == "prompt":
-            prompt = as_messages(row[key], tokenizer, f"row {i}, column 'prompt'")
+        value, where = row[key], f"row {i}, column {key!r}"
+        answered = isinstance(value, list) and value and isinstance(value[-1], dict)
+        if key != "prompt" and answered and value[-1].get("role") == "assistant":
+            prompt = split_conversation({key: value}, key, tokenizer, i)[0]  # minus its answer
         else:
-            prompt = split_conversation({key: row[key]}, key, tokenizer, i)[0]
+            prompt = as_messages(value, tokenizer, where)
         ids = encode(tokenizer, prompt, "", args.max_prompt_len, None)[0]
         return {
             "prompt_text": prompt if isinstance(prompt, str) else prompt[-1]["content"],
