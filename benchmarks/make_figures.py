@@ -56,6 +56,7 @@ def screenshot(page, png, size="1100,330"):
             "file://" + os.path.abspath(page),
         ]
         subprocess.run(cmd, check=True, capture_output=True)
+    return png
 
 
 def normalizer_plot(rm_dir, png):
@@ -73,6 +74,7 @@ def normalizer_plot(rm_dir, png):
         model, loader, settings["entropy_threshold"], accelerator
     )
     extras.plot_normalizer(png, positions, rewards, settings["normalizer"])
+    return png
 
 
 def learning_curve(metrics, png):
@@ -93,6 +95,7 @@ def learning_curve(metrics, png):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png)
+    return png
 
 
 def smollm2_view(page):
@@ -140,13 +143,15 @@ def main():
         S.main(["ppo"])  # the quick start: builds the toy SFT and reward models on the way
     page = os.path.join(DOCS, "segments.html")
     S.main(["segment", "--reward-model", S.TOY_RM, "--html", page])
-    screenshot(page, os.path.join(DOCS, "segments.png"))
-    normalizer_plot(S.TOY_RM, os.path.join(DOCS, "normalizer.png"))
-    learning_curve(os.path.join(S.TOY_PPO, "metrics.jsonl"), os.path.join(DOCS, "ppo_curve.png"))
+    written = [page, screenshot(page, os.path.join(DOCS, "segments.png"))]
+    written.append(normalizer_plot(S.TOY_RM, os.path.join(DOCS, "normalizer.png")))
+    metrics = os.path.join(S.TOY_PPO, "metrics.jsonl")
+    written.append(learning_curve(metrics, os.path.join(DOCS, "ppo_curve.png")))
     page = os.path.join(DOCS, "smollm2_segments.html")
     if smollm2_view(page):
-        screenshot(page, os.path.join(DOCS, "smollm2_segments.png"), size="900,520")
-    print("wrote", ", ".join(sorted(os.listdir(DOCS))))
+        png = os.path.join(DOCS, "smollm2_segments.png")
+        written += [page, screenshot(page, png, size="900,520")]
+    print("wrote", ", ".join(os.path.relpath(p) for p in written if p))  # what this run drew
 
 
 if __name__ == "__main__":
