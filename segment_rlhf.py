@@ -1851,7 +1851,11 @@ def start_run(args, command, accelerator, inputs, in_place=False):
             if f.init and f.name not in skip
         },
     }
-    record["inputs"] = {p: stamp(p) for p in inputs if p}
+    for key in ("model", "dataset", "reward_model"):  # one spelling of every path, as for OUT
+        if record.get(key) and os.path.exists(record[key]):
+            record[key] = os.path.realpath(record[key])
+    real = {p: os.path.realpath(p) if os.path.exists(p) else p for p in inputs if p}
+    record.update(output_dir=final, inputs={real[p]: stamp(p) for p in real})
     work = staged if args.resume and os.path.isfile(os.path.join(staged, "args.json")) else final
     mode = "in place" if in_place else run_mode(work, record, args)
     if mode == "finished":

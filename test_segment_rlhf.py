@@ -1782,7 +1782,8 @@ def test_a_finished_run_is_not_run_again(toy, capfd):
     """--resume of a finished run, or the same command again, says so and changes nothing."""
     before = tree_hashes(toy["root"])
     argv = ["train-rm", "--model", toy["sft"], "--epochs", "3", "--output-dir", toy["rm"]]
-    for extra in ([], ["--resume"]):
+    respelled = ["--output-dir", toy["rm"] + "/", "--model", os.path.relpath(toy["sft"])]
+    for extra in ([], ["--resume"], respelled):  # the same folders spelled otherwise: the same run
         out = S.main(argv + extra)
         assert {**out, "output_dir": 0} == {**toy["rm_result"], "output_dir": 0}
         assert "holds this run, finished; pass --overwrite" in capfd.readouterr().err
