@@ -485,7 +485,8 @@ def train_rm(args):
         args, accelerator, model_path, tokenizer, ds
     )
     # Where training stands: optimizer steps, epoch, batches done in it, the epoch's loss so far.
-    state = resume_state(accelerator, args, step=0, epoch=0, batch=0, loss_sum=0.0)
+    fresh = {"step": 0, "epoch": 0, "batch": 0, "loss_sum": 0.0}
+    state = (load_checkpoint(accelerator, args) if args.resume else None) or fresh
     step, per_epoch = state["step"], len(train_loader)
     done_before = state["epoch"] * per_epoch + state["batch"]
     bar = tqdm(
@@ -537,11 +538,6 @@ def train_rm(args):
     result.update(toy_rm_report(args, accelerator, model_path, tokenizer))  # the toy only
     result.update(output_dir=RUN["given"], entropy_threshold=args.entropy_threshold)
     return finish_run(args, accelerator, result)
-
-
-def resume_state(accelerator, args, **start):
-    """The newest checkpoint's state with --resume (when there is one), else `start`."""
-    return (load_checkpoint(accelerator, args) if args.resume else None) or start
 
 
 def rm_setup(args, accelerator, model_path, tokenizer, ds):
@@ -700,22 +696,15 @@ def fit_norm(args):
             from benchmarks.extras import plot_normalizer
 
             plot_normalizer(plot, positions, rewards, settings["normalizer"])
-        if not in_place:
-            copy_model_files(args.reward_model, args.output_dir)
+        for name in [] if in_place else os.listdir(args.reward_model):  # not its run records
+            path = os.path.join(args.reward_model, name)
+            if os.path.isfile(path) and name.split(".")[0] not in ("args", "metrics", "result"):
+                shutil.copy2(path, os.path.join(args.output_dir, name))
         write_rm_settings(args.output_dir, settings, backup=in_place)
     keys = ("normalizer", "mean", "std", "norm_samples")
     return finish_run(
         args, accelerator, {**{k: settings[k] for k in keys}, "output_dir": RUN["given"]}
     )
-
-
-def copy_model_files(src, dst):
-    """The files of a model folder (not its run records or checkpoints) into dst."""
-    skip = ("args.json", "metrics.jsonl", "result.json", "config.json.bak")
-    for name in os.listdir(src):
-        path = os.path.join(src, name)
-        if os.path.isfile(path) and name not in skip:
-            shutil.copy2(path, os.path.join(dst, name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1317,20 +1306,19 @@ def fail(msg):
 
 
 def load_rows(name, split="train"):
-    """A hub id or a local json/jsonl/parquet file, through `datasets`."""
+    """A hub id, a saved dataset folder or a local json/jsonl/parquet file, through `datasets`."""
     ext = os.path.splitext(name)[1].lstrip(".")
-    if ext in ("json", "jsonl", "parquet") and not os.path.isfile(name):
+    file = ext in ("json", "jsonl", "parquet")
+    if file and not os.path.isfile(name):
         fail(f"dataset file {name} does not exist")
-    if not (ext in ("json", "jsonl", "parquet") or os.path.isdir(name) or is_hub_id(name)):
+    if not (file or os.path.isdir(name) or is_hub_id(name)):
         fail(f"dataset {name!r} is neither a hub id (org/name) nor a .json/.jsonl/.parquet file")
+    builder, files = (ext.replace("jsonl", "json"), name) if file else (name, None)
     try:
-        builder, files = (ext.replace("jsonl", "json"), name) if ext else (name, None)
         ds = datasets.load_dataset(builder, data_files=files, split=split)
     except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError, OSError) as e:
-        fail(
-            f"could not read {name}: it must hold {ext or 'dataset'} records, one per example "
-            f"({first_line(e)})"
-        )
+        what = f"{ext} records, one per example" if file else "a dataset"
+        fail(f"could not read {name}: it must hold {what} ({first_line(e)})")
     return ds if len(ds) else fail(f"dataset {name} has no rows")
 
 
