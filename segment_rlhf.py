@@ -52,6 +52,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from filelock import FileLock, Timeout
 from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
@@ -625,6 +626,8 @@ def collect_segment_rewards(model, loader, threshold, accelerator):
 
 def normalizer_settings(positions, rewards, scores, responses):
     """What PPO needs to normalize: the location-aware fit, and the scalar mean / std (bandit)."""
+    if responses < 1000:
+        print(f"warning: the normalizer rests on only {responses} responses", file=sys.stderr)
     return {
         "normalizer": list(fit_location_normalizer(positions, rewards)),
         "min_position": positions.min().item(),
@@ -688,8 +691,6 @@ def fit_norm(args):
     fitted = normalizer_settings(positions, rewards, scores, len(scores))
     if not all(math.isfinite(v) for v in [*fitted["normalizer"], fitted["mean"], fitted["std"]]):
         fail(f"the fit on {len(scores)} responses is not finite; pass a larger --norm-samples")
-    if len(scores) < 1000:
-        print(f"warning: the normalizer rests on only {len(scores)} responses", file=sys.stderr)
     settings.update(fitted, reference_model=ref_path)
     if accelerator.is_main_process:
         if plot:  # first: a failing plot leaves the settings as they were
@@ -1291,7 +1292,7 @@ def toy_sft_model():
     """The toy SFT model, trained on first use."""
     if not os.path.exists(os.path.join(TOY_SFT, "config.json")):
         print(f"building the toy SFT model in {TOY_SFT} ...", file=sys.stderr)
-        sft(resolve("sft", SFTArgs(overwrite=True)))
+        sft(resolve("sft", SFTArgs(output_dir=TOY_SFT)))  # never over another run
     return TOY_SFT
 
 
@@ -1316,7 +1317,7 @@ def load_rows(name, split="train"):
     builder, files = (ext.replace("jsonl", "json"), name) if file else (name, None)
     try:
         ds = datasets.load_dataset(builder, data_files=files, split=split)
-    except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError, OSError) as e:
+    except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError) as e:
         what = f"{ext} records, one per example" if file else "a dataset"
         fail(f"could not read {name}: it must hold {what} ({first_line(e)})")
     return ds if len(ds) else fail(f"dataset {name} has no rows")
@@ -1503,12 +1504,7 @@ def add_entropies(ds, args, accelerator, model_path, tokenizer, ref=None):
     keyed on what it depends on: the encoded data and the reference model's weights."""
     key = json.dumps([ds._fingerprint, stamp(model_path)])
     name = f"entropy-{hashlib.sha1(key.encode()).hexdigest()[:16]}.arrow"
-    cache = output_path(
-        os.path.join(cache_dir("entropy"), name),
-        [model_path, args.dataset],
-        "the entropy cache ($SEGMENT_RLHF_CACHE)",
-        kind="",
-    )
+    cache = os.path.join(cache_dir("entropy", [model_path, args.dataset]), name)
     with accelerator.main_process_first():  # the main process computes, the others read its file
         if ref is None and not os.path.exists(cache):
             ref = load_model(model_path, "causal", args.bf16).eval()
@@ -1616,14 +1612,29 @@ def model_folder(path):
     if path.endswith(".gguf") and os.path.isfile(path):
         from benchmarks.extras import gguf_folder  # converted on first use, into the cache
 
-        return gguf_folder(os.path.abspath(path), cache_dir("gguf"))
+        return gguf_folder(os.path.abspath(path), cache_dir("gguf", [path]))
     if not os.path.isdir(path) and not is_hub_id(path):
         fail(f"model {path!r} does not exist (pass a directory, a .gguf file or a hub id)")
     return path
 
 
+# What transformers raises for a missing, damaged or mistyped file of a model folder.
+DAMAGED = (
+    OSError,
+    ValueError,
+    RuntimeError,
+    TypeError,
+    KeyError,
+    SafetensorError,
+    StrictDataclassError,
+)
+
+
 def load_tokenizer(path):
-    tokenizer = AutoTokenizer.from_pretrained(model_folder(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_folder(path))
+    except DAMAGED as e:
+        fail(f"could not load the tokenizer of {path!r}: {first_line(e)}")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # pad == eos is fine: masks mark the padding
     if tokenizer.chat_template is None:
@@ -1648,9 +1659,17 @@ def load_model(path, kind="causal", bf16=False):
         model, info = auto.from_pretrained(
             path, config=config, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
         )
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+    except DAMAGED as e:
         hint = "; the weights are damaged or truncated" if isinstance(e, SafetensorError) else ""
         fail(f"could not load model {path!r}: {first_line(e)}{hint}")
+    heads = ("score.weight", "lm_head.weight")  # a fresh head, or the other kind's: by design
+    body = {*info["missing_keys"], *info["unexpected_keys"]} - {*heads}
+    body = sorted(k for k in body if "head" not in k)
+    if body:
+        fail(
+            f"model {path}: its config.json and weights disagree ({len(body)} weights missing "
+            f"or unused, e.g. {body[0]})"
+        )
     for name, saved, needed in info["mismatched_keys"]:
         fail(f"model {path}: {name} has shape {list(saved)}, the model needs {list(needed)}")
     if kind == "causal" and any(k.endswith("score.weight") for k in info["unexpected_keys"]):
@@ -1785,24 +1804,26 @@ def reduce_dict(accelerator, values, op):
     return dict(zip(values, accelerator.reduce(stacked, op).tolist()))
 
 
-def cache_dir(kind):
-    """$SEGMENT_RLHF_CACHE/kind (default ~/.cache/segment_rlhf/kind): caches never go into a
-    model folder, which push_to_hub would upload whole."""
+def cache_dir(kind, inputs=()):
+    """$SEGMENT_RLHF_CACHE/kind (default ~/.cache/segment_rlhf/kind), made after the written-path
+    rule: caches never go into a model folder, which push_to_hub would upload whole."""
     home = os.path.join(os.path.expanduser("~"), ".cache", "segment_rlhf")
     path = os.path.join(os.environ.get("SEGMENT_RLHF_CACHE") or home, kind)
+    path = output_path(path, inputs, "the cache ($SEGMENT_RLHF_CACHE)", kind="folder")
     os.makedirs(path, exist_ok=True)
     return path
 
 
 def stamp(path):
-    """What an input's content is known by, cheaply: the names, sizes and modification times of
-    a file, or of a model folder's config and weights; a hub id is its own stamp."""
+    """What an input's content is known by: a file's hash; the names, sizes and modification
+    times of a model folder's config and weights (too large to hash); a hub id is its own stamp."""
     if not path or not os.path.exists(path):
         return path
-    files = [path]
-    if os.path.isdir(path):
-        names = [n for n in sorted(os.listdir(path)) if n.endswith((".safetensors", ".bin"))]
-        files = [os.path.join(path, n) for n in ["config.json", *names]]
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha1").hexdigest()
+    names = [n for n in sorted(os.listdir(path)) if n.endswith((".safetensors", ".bin"))]
+    files = [os.path.join(path, n) for n in ["config.json", *names]]
     return [[os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
 
 
@@ -1828,7 +1849,7 @@ def start_run(args, command, accelerator, inputs, in_place=False):
     holds this very run (same flags, same inputs), finished. in_place: fit-norm's own folder."""
     final = output_path(args.output_dir, [] if in_place else inputs, "--output-dir", "folder")
     staged, aside = final + ".incomplete", final + ".replaced"
-    for path in (staged, aside, final + ".lock"):  # what a run writes beside OUT, by one rule
+    for path in (staged, aside):  # what a run writes beside OUT, by the same rule
         output_path(path, [] if in_place else inputs, "--output-dir", kind="")
     skip = ("overwrite", "resume", "save_every")  # a run is the same run whatever these say
     record = {
@@ -1861,13 +1882,14 @@ def start_run(args, command, accelerator, inputs, in_place=False):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         os.makedirs(os.path.dirname(final), exist_ok=True)
-        lock = FileLock(final + ".lock", timeout=0)  # released by the system if the process dies
+        lock = FileLock(lock_path(final), timeout=0)  # released by the system if a process dies
         try:
             lock.acquire()
         except Timeout:
             fail(f"{final} is in use by another run; wait for it to finish")
         RUN["lock"] = lock
     RUN.update(given=args.output_dir, final=final, work=work, created=False, in_place=in_place)
+    RUN["resumable"] = command in ("train-rm", "ppo")
     if accelerator.is_main_process and not in_place:
         if mode == "replace" or not os.path.isdir(work):
             shutil.rmtree(work, ignore_errors=True)
@@ -1901,7 +1923,10 @@ def run_mode(path, record, args):
         flags = [f"--{k.replace('_', '-')} {record.get(k)} (was {old.get(k)})" for k in keys]
         was, now = old.get("inputs", {}), record["inputs"]
         flags += [f"{p} changed" for p in {**was, **now} if was.get(p) != now.get(p)]
-        fail(f"--resume: {path} was written with other flags: {', '.join(flags)}; rerun with them")
+        fail(
+            f"--resume: {path} was written with other flags or inputs: {', '.join(flags)}; "
+            "rerun with its flags and inputs"
+        )
     if old != record and not args.overwrite:
         fail(f"{path} holds a different run; pass --overwrite or another --output-dir")
     if old == record and os.path.isfile(os.path.join(path, "result.json")) and not args.overwrite:
@@ -1940,9 +1965,13 @@ def close_run():
         shutil.rmtree(RUN["work"], ignore_errors=True)
     if "lock" in RUN:
         RUN["lock"].release()
-        with contextlib.suppress(OSError):
-            os.remove(RUN["final"] + ".lock")
     RUN.clear()
+
+
+def lock_path(final):
+    """The lock of a run directory: in the cache, named after the resolved directory, so it is
+    the same for every spelling of it and never a file of the user's (a uv.lock beside uv/)."""
+    return os.path.join(cache_dir("locks"), hashlib.sha1(final.encode()).hexdigest() + ".lock")
 
 
 def read_json(path, what):
@@ -1994,14 +2023,19 @@ def save_checkpoint(accelerator, args, state):
     checkpoint. Only the newest is kept, the older deleted once it is complete (accelerate's own
     rotation, total_limit, deletes the old one before writing the new)."""
     path = os.path.join(args.output_dir, f"checkpoint-{state['step']}")
-    accelerator.save_state(path + ".tmp")
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(path + ".tmp")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with open(os.path.join(args.output_dir, "metrics.jsonl")) as f:
+                state["metrics_rows"] = sum(1 for _ in f)
+            write_json(os.path.join(path + ".tmp", "state.json"), state)
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(path + ".tmp", path)
+    except BaseException:  # a full disk, Ctrl-C: no half checkpoint stays to fill the disk
+        shutil.rmtree(path + ".tmp", ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        with open(os.path.join(args.output_dir, "metrics.jsonl")) as f:
-            state["metrics_rows"] = sum(1 for _ in f)
-        write_json(os.path.join(path + ".tmp", "state.json"), state)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(path + ".tmp", path)
         for old in checkpoints(args.output_dir)[:-1]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -2135,17 +2169,27 @@ def load_rm_settings(path):
             f"reward model {path!r} has no segment_rlhf settings in its config.json; train it "
             "with train-rm or use --preset"
         )
-    settings = {**config["segment_rlhf"], **{k: config[k] for k in ("mean", "std") if k in config}}
-    missing = [
-        k for k in ("entropy_threshold", "reference_model", "end_token") if k not in settings
-    ]
+    stored = config["segment_rlhf"]
+    if not isinstance(stored, dict):
+        fail(f"{file}: segment_rlhf must hold the settings object; retrain with train-rm")
+    settings = {**stored, **{k: config[k] for k in ("mean", "std") if k in config}}
+    missing = [k for k in ("entropy_threshold", "reference_model", "end_token") if k not in stored]
     if missing:
         fail(f"{file} lacks {', '.join(missing)}; retrain with train-rm or restore the file")
+    # One check of every value PPO reads: a wrong one would run and give a wrong result.
     norm, c = settings.get("normalizer"), settings["entropy_threshold"]
-    numbers = [*(norm or []), *(settings[k] for k in ("mean", "std") if k in settings)]
+    numbers = [
+        *(norm or []),
+        *(settings[k] for k in ("mean", "std", "min_position") if k in settings),
+    ]
     ok = norm is None or isinstance(norm, list) and len(norm) == 4
-    ok &= all(isinstance(settings[k], str) for k in ("reference_model", "end_token"))
+    ok &= all(
+        isinstance(settings.get(k, ""), str)
+        for k in ("reference_model", "end_token", "reference_model_was")
+    )
     ok &= is_number(c) and c >= 0 and all(is_number(v) and math.isfinite(v) for v in numbers)
+    ok = ok and settings.get("std", 1) > 0 and 0 < settings.get("min_position", 1) <= 1
+    ok = ok and (norm is None or norm[3] > 0)  # sigma(p = 1) = b_sigma, a std
     if not ok:
         fail(f"{file}: the settings hold non-finite or malformed values; refit with fit-norm")
     ref = settings["reference_model"]
@@ -2174,8 +2218,9 @@ def write_rm_settings(rm_dir, settings, backup=False):
         settings["reference_model"] = os.path.relpath(os.path.abspath(ref), os.path.abspath(rm_dir))
     file = os.path.join(rm_dir, "config.json")
     config = read_json(file, "model config")
-    if backup:
-        shutil.copy2(file, file + ".bak")
+    if backup:  # atomically too: a full disk leaves the previous backup as it was
+        with atomic(file + ".bak") as tmp:
+            shutil.copy2(file, tmp)
     write_json(file, {**config, "segment_rlhf": settings, "mean": mean, "std": std})
 
 
@@ -2241,7 +2286,7 @@ def ensure_reward_model(args):
     """The reward model's settings; the toy reward model is trained on first use."""
     if args.reward_model == TOY_RM and not has_settings(TOY_RM):
         print(f"building the toy reward model in {TOY_RM} ...", file=sys.stderr)
-        train_rm(resolve("train-rm", RMArgs(overwrite=True)))
+        train_rm(resolve("train-rm", RMArgs(output_dir=TOY_RM)))  # never over another run
     settings = load_rm_settings(args.reward_model)
     resolve_reward(args, settings)
     return settings
@@ -2459,9 +2504,10 @@ def resolve(command, args):
     if command == "fit-norm":  # in place unless --output-dir
         args.output_dir = args.output_dir or args.reward_model
     args.output_dir = args.output_dir or f"runs/toy-{'rm' if command == 'train-rm' else command}"
-    world = os.environ.get("WORLD_SIZE", "1")  # set by torchrun / accelerate launch
-    if not world.isdigit() or int(world) < 1:
-        fail(f"WORLD_SIZE={world!r} in the environment must be a whole number >= 1")
+    for name, default in (("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):  # torchrun's, accelerate's
+        if not re.fullmatch(r"[0-9]+", os.environ.get(name, default)):
+            fail(f"{name}={os.environ[name]!r} in the environment must be a whole number")
+    world = os.environ.get("WORLD_SIZE", "1")
     per_step = args.grad_accum * int(world)
     if args.batch_size % per_step:
         fail(
@@ -2516,7 +2562,12 @@ def main(argv=None):
             "ppo": ppo,
             "segment": segment,
         }
-        result = run[command](args)
+        try:
+            result = run[command](args)
+        except BaseException:
+            if RUN:  # the error line on a line of its own, not glued to a progress bar
+                print(file=sys.stderr)
+            raise
     except KeyboardInterrupt as e:  # 130 as for any SIGINT, 143 for SIGTERM
         how = f" by {e.args[0]}" if e.args else ""
         hint = "; resume with --resume" if command in ("train-rm", "ppo") else ""
@@ -2537,9 +2588,12 @@ def main(argv=None):
 
 
 def where_it_stands():
-    """The end of a failed run's error line: its newest complete checkpoint."""
+    """The end of a failed run's error line: a full disk, and its newest complete checkpoint."""
+    if not RUN.get("resumable"):
+        return ""
+    full = "; the disk is full" if shutil.disk_usage(RUN["work"]).free < 2**20 else ""
     none = "none (pass --save-every N to keep some)"
-    return f"; last good checkpoint: {(checkpoints(RUN['work']) or [none])[-1]}" if RUN else ""
+    return f"{full}; last good checkpoint: {(checkpoints(RUN['work']) or [none])[-1]}"
 
 
 if __name__ == "__main__":

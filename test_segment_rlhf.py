@@ -912,7 +912,8 @@ def test_resumed_run_equals_uninterrupted_run(command, toy, tmp_path, monkeypatc
         S.main(crashed)
     assert e.value.code == 130
     monkeypatch.undo()
-    assert calls == [3, 6] and sorted(os.listdir(tmp_path / "run")).count("checkpoint-6.tmp") == 1
+    left = os.listdir(tmp_path / "run")  # the killed save left no checkpoint-6, whole or half
+    assert calls == [3, 6] and "checkpoint-6.tmp" not in left and "checkpoint-6" not in left
     resumed = S.main(crashed + ["--resume"])  # picks checkpoint-3: checkpoint-6 was never completed
     assert {**resumed, "output_dir": None} == {**whole, "output_dir": None}
     a, b = (
@@ -1131,7 +1132,7 @@ HOSTILE = {
         "rerun over checkpoints without --resume": (RUN_RM, "pass --resume to continue, or"),
         "resume under other flags": (
             RUN_RM + ["--resume", "--batch-size", "16"],
-            "--batch-size 16 (was 32); rerun with them",
+            "--batch-size 16 (was 32); rerun with its flags and inputs",
         ),
         "both --resume and --overwrite": (RUN_RM + ["--resume", "--overwrite"], "pass one of"),
         "ppo policy that is a reward model": (
@@ -1271,7 +1272,7 @@ def test_hostile_input_loses_nothing_and_gets_one_line(kind, case, toy, hostile)
     message = message.replace("{tmp}", str(hostile))
     if argv[0] != "segment" and "--output-dir" not in argv:
         argv += ["--output-dir", str(hostile / "out")]
-    busy = FileLock(hostile / "busy.lock")  # a run writing {tmp}/busy holds its lock
+    busy = FileLock(S.lock_path(str(hostile / "busy")))  # a run writing {tmp}/busy holds it
     if case.startswith("a second run"):
         busy.acquire()
     before = {"toy": tree_hashes(toy["root"]), "tmp": tree_hashes(hostile)}
@@ -1300,6 +1301,7 @@ def test_overwrite_keeps_the_old_run_whole_until_the_new_one_is_complete(
     rows = S.toy_sft_rows(64, 0.2)
     write_rows(data / "sft.jsonl", rows)
     small = ["--dataset", str(data / "sft.jsonl"), "--output-dir", str(out)]
+    (tmp_path / "sft.lock").write_text("mine")  # a file of the user's named like a lock (uv.lock)
     S.main(["sft", "--epochs", "1", *small])
     before = tree_hashes(tmp_path)
 
@@ -1314,7 +1316,8 @@ def test_overwrite_keeps_the_old_run_whole_until_the_new_one_is_complete(
     monkeypatch.undo()
     S.main(["sft", "--epochs", "2", *small, "--overwrite"])
     assert json.load(open(out / "args.json"))["epochs"] == 2
-    assert sorted(os.listdir(tmp_path)) == ["data", "sft"]  # no .incomplete, .replaced or .lock
+    assert sorted(os.listdir(tmp_path)) == ["data", "sft", "sft.lock"]  # no .incomplete, .replaced
+    assert (tmp_path / "sft.lock").read_text() == "mine"
 
 
 def test_fit_norm_writes_only_when_done_keeps_a_backup_and_honours_output_dir(
@@ -1837,3 +1840,17 @@ def test_a_full_disk_at_a_checkpoint_gets_one_line_and_leaves_nothing(toy, tmp_p
         assert "last good checkpoint: none" in line and os.listdir(disk) == []
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_the_toy_models_are_never_built_over_another_run(toy, tmp_path, monkeypatch):
+    """ppo builds the toy reward model where there is none, never over a run already there."""
+    unfinished = tmp_path / "toy-rm"
+    unfinished.mkdir()
+    (unfinished / "args.json").write_text('{"command": "train-rm", "epochs": 30}')
+    (unfinished / "checkpoint-48").mkdir()
+    monkeypatch.setattr(S, "TOY_SFT", toy["sft"])
+    monkeypatch.setattr(S, "TOY_RM", str(unfinished))
+    before = tree_hashes(tmp_path)
+    with pytest.raises(SystemExit, match="holds a different run"):
+        S.main([*PPO, "--output-dir", str(tmp_path / "ppo")])
+    assert tree_hashes(tmp_path) == before
