@@ -667,7 +667,7 @@ def fit_norm(args):
     accelerator = make_accelerator(args)
     settings = load_rm_settings(args.reward_model)
     threshold = settings["entropy_threshold"]
-    ref_path = args.model or settings["reference_model"]
+    ref_path = reference_model(args, settings)
     tokenizer, ref, model = load_scorers(ref_path, args.reward_model, args.bf16)
     plot = args.plot and output_path(
         args.plot, [args.reward_model, ref_path, args.dataset], "--plot"

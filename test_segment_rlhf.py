@@ -1213,6 +1213,10 @@ HOSTILE = {
             PPO + ["--reward-model", "{tmp}/rm_moved_ref"],
             "/nowhere/sft of reward model",
         ),
+        "fit-norm with the reference model moved away": (
+            ["fit-norm", "--reward-model", "{tmp}/rm_moved_ref"],
+            "/nowhere/sft of reward model",
+        ),
     },
 }
 HOSTILE["written paths that alias inputs"] = {
