@@ -668,7 +668,8 @@ def fit_norm(args):
     settings = load_rm_settings(args.reward_model)
     threshold = settings["entropy_threshold"]
     ref_path = reference_model(args, settings)
-    tokenizer, ref, model = load_scorers(ref_path, args.reward_model, args.bf16)
+    # the reference model only loads if its entropies are not cached (add_entropies)
+    tokenizer, _, model = load_scorers(ref_path, args.reward_model, args.bf16, with_ref=False)
     plot = args.plot and output_path(
         args.plot, [args.reward_model, ref_path, args.dataset], "--plot"
     )
@@ -682,7 +683,7 @@ def fit_norm(args):
     if done := start_run(args, "fit-norm", accelerator, inputs, in_place):
         return done
     if not math.isinf(threshold):
-        ds = add_entropies(ds, args, accelerator, ref_path, tokenizer, ref)
+        ds = add_entropies(ds, args, accelerator, ref_path, tokenizer)
     collate = pair_collate(tokenizer.pad_token_id, math.isinf(threshold))
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, collate_fn=collate)
     loader = accelerator.prepare(loader)
@@ -1498,7 +1499,7 @@ def add_entropies_batch(rows, ref_model, pad_id, device):
     return out
 
 
-def add_entropies(ds, args, accelerator, model_path, tokenizer, ref=None):
+def add_entropies(ds, args, accelerator, model_path, tokenizer):
     """Reference entropies for every pair, cached on disk: segmentation depends only on the
     frozen reference model, so it costs one forward per example for the whole run. The cache is
     keyed on what it depends on: the encoded data and the reference model's weights."""
@@ -1506,10 +1507,9 @@ def add_entropies(ds, args, accelerator, model_path, tokenizer, ref=None):
     name = f"entropy-{hashlib.sha1(key.encode()).hexdigest()[:16]}.arrow"
     cache = os.path.join(cache_dir("entropy", [model_path, args.dataset]), name)
     with accelerator.main_process_first():  # the main process computes, the others read its file
-        if ref is None and not os.path.exists(cache):
-            ref = load_model(model_path, "causal", args.bf16).eval()
-        ref = ref.to(accelerator.device) if ref is not None else None
-        pad, device = tokenizer.pad_token_id, accelerator.device
+        pad, device, ref = tokenizer.pad_token_id, accelerator.device, None
+        if not os.path.exists(cache):  # a cache hit loads no reference model
+            ref = load_model(model_path, "causal", args.bf16).eval().to(device)
         return ds.map(
             lambda rows: add_entropies_batch(rows, ref, pad, device),
             batched=True,
