@@ -2541,6 +2541,15 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt("SIGTERM")
 
 
+def interruption(e):
+    """The Ctrl-C or SIGTERM behind an exception, if any: one that lands inside a torch context
+    manager comes out as RuntimeError("trying to pop from empty mode stack"), with the interrupt
+    as its context."""
+    while e is not None and not isinstance(e, KeyboardInterrupt):
+        e = e.__cause__ or e.__context__
+    return e
+
+
 def main(argv=None):
     command, previous = None, signal.signal(signal.SIGTERM, interrupt)
     # transformers reports a fresh scalar head as MISSING, which reads like an error: load_model
@@ -2564,10 +2573,10 @@ def main(argv=None):
         }
         try:
             result = run[command](args)
-        except BaseException:
+        except BaseException as e:
             if RUN:  # the error line on a line of its own, not glued to a progress bar
                 print(file=sys.stderr)
-            raise
+            raise interruption(e) or e
     except KeyboardInterrupt as e:  # 130 as for any SIGINT, 143 for SIGTERM
         how = f" by {e.args[0]}" if e.args else ""
         hint = "; resume with --resume" if command in ("train-rm", "ppo") else ""

@@ -1382,6 +1382,26 @@ def test_ctrl_c_gets_one_line_and_leaves_no_directory(sig, toy, tmp_path):
     assert "Traceback" not in err and not out.exists() and os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("wrapped", [RuntimeError, S.fail])
+def test_an_interrupt_that_torch_wraps_is_still_an_interrupt(wrapped, monkeypatch, capsys):
+    """A signal that lands inside a torch context manager (here: during a model load) surfaces as
+    RuntimeError('trying to pop from empty mode stack'), or as the loader's fail() line, with the
+    interrupt as its context: still exit 143 and the interrupt's line, not 'could not load'."""
+
+    def torn(args):
+        try:
+            raise KeyboardInterrupt("SIGTERM")
+        except KeyboardInterrupt:
+            wrapped("could not load model 'x': trying to pop from empty mode stack")
+            raise RuntimeError("trying to pop from empty mode stack")
+
+    monkeypatch.setattr(S, "segment", torn)
+    with pytest.raises(SystemExit) as e:
+        S.main(["segment"])
+    assert e.value.code == 143
+    assert capsys.readouterr().err.strip() == "segment_rlhf: error: interrupted by SIGTERM"
+
+
 # --- paper presets --------------------------------------------------------------------------------
 
 
