@@ -101,13 +101,16 @@ class Common:
     lora_rank: int = arg(0, "LoRA rank (peft) of the trained models; 0: full fine-tuning")
     lora_alpha: float = arg(16.0, "LoRA scaling numerator")
     lora_targets: str = arg("all-linear", "modules that get adapters (peft target_modules)")
-    preset: str = arg("", "paper settings: phi3-mini | llama3-sft-8b | llama31-instruct-8b")
+    preset: str = arg(
+        "", "look (the toy, 2 min) | phi3-mini | llama3-sft-8b | llama31-instruct-8b | smollm2-135m"
+    )
     dry_run: bool = arg(False, "print the resolved configuration and exit")
     save_every: int = arg(0, "train-rm, ppo: checkpoint every N optimizer steps / iterations")
     resume: bool = arg(False, "train-rm, ppo: continue from the newest checkpoint")
     min_lr_ratio: float = arg(0.0, "cosine decay to this fraction of --lr (the authors: 0.1)")
     long_pairs: str = arg("skip", "pairs over --max-len", choices=("skip", "truncate"))
     head_init: str = arg("model", "fresh scalar heads", choices=("model", "authors"))
+    toy_lists: int = arg(1, "toy only: lists per answer, ~17 tokens each (docs/toy.md: length)")
     micro_batch: int = field(default=0, init=False)  # derived: rows per process per forward
 
 
@@ -129,7 +132,8 @@ class RMArgs(Common):
 @dataclass
 class FitNormArgs(Common):
     reward_model: str = arg("runs/toy-rm", "reward model directory whose normalizer is refitted")
-    norm_samples: int = arg(0, "preference pairs scored; 0: all (the authors: 60,000 pairs)")
+    norm_samples: int = arg(0, "training pairs scored; 0: all (the authors: 60,000 pairs)")
+    eval_size: int = arg(200, "held-out pairs for the bandit mean / std (as train-rm splits them)")
     plot: str = arg("", "also draw means / stds per position and the fitted curves to this PNG")
 
 
@@ -146,7 +150,7 @@ class PPOArgs(Common):
     ppo_epochs: int = arg(2, "passes over each rollout batch")
     lr: float = arg(3e-5, "actor learning rate")
     critic_lr: float = arg(1e-4, "critic learning rate")
-    beta: float = arg(0.3, "KL coefficient, fixed (paper 0.01; toy 0.3: README, the toy)")
+    beta: float = arg(0.3, "KL coefficient, fixed (paper 0.01; toy 0.3: docs/toy.md)")
     gamma: float = arg(1.0, "discount")
     lam: float = arg(0.95, "GAE lambda")
     clip_eps: float = arg(0.2, "policy ratio clip")
@@ -192,6 +196,7 @@ BOUNDS = {
     "(0, inf)": "clip_eps temperature value_clip lora_alpha",
     "(-inf, inf)": "missing_eos_penalty end_penalty",
     "[2, inf)": "max_len",
+    "[1, 8]": "toy_lists",
     "[1, inf)": "batch_size grad_accum epochs max_prompt_len eval_size steps mini_batch_size "
     "ppo_epochs max_new_tokens eval_prompts rollout_chunk end_penalty_len",
 }
@@ -475,7 +480,7 @@ def value_loss(values, old_values, returns, mask, clip):
 
 def train_rm(args):
     accelerator = make_accelerator(args)
-    model_path = model_folder(args.model) if args.model else toy_sft_model()
+    model_path = model_folder(toy_model(args.model or TOY_SFT))
     tokenizer = load_tokenizer(model_path)
     ds = rm_pairs(args, tokenizer)
     if not 0 < args.eval_size < len(ds):
@@ -677,21 +682,37 @@ def fit_norm(args):
         import matplotlib  # noqa: F401
     args.end_token = args.end_token or settings["end_token"]
     ds = rm_pairs(args, tokenizer)
-    ds = ds.select(range(min(args.norm_samples or len(ds), len(ds))))  # entropies of just these
+    if not 0 < args.eval_size < len(ds):
+        fail(f"--eval-size {args.eval_size} must be between 1 and the {len(ds)} usable pairs - 1")
+    # train-rm's split (the same --eval-size and --seed give the same pairs): the normalizer from
+    # the training pairs, the bandit's mean / std from the held-out ones, as train-rm fits them.
+    split = ds.train_test_split(test_size=args.eval_size, seed=args.seed)
+    n = min(args.norm_samples or len(split["train"]), len(split["train"]))
+    ds = datasets.concatenate_datasets([split["train"].select(range(n)), split["test"]])
+    print(
+        f"fit-norm: the normalizer from {n} training pairs, the mean / std from {args.eval_size}"
+        f" held-out pairs (split as train-rm's with --eval-size {args.eval_size}, --seed"
+        f" {args.seed})",
+        file=sys.stderr,
+    )
     in_place = os.path.realpath(args.output_dir) == os.path.realpath(args.reward_model)
     inputs = [ref_path, args.dataset] + ([] if in_place else [args.reward_model])
     if done := start_run(args, "fit-norm", accelerator, inputs, in_place):
         return done
-    if not math.isinf(threshold):
+    if not math.isinf(threshold):  # entropies of just these pairs, in one pass
         ds = add_entropies(ds, args, accelerator, ref_path, tokenizer)
     collate = pair_collate(tokenizer.pad_token_id, math.isinf(threshold))
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, collate_fn=collate)
-    loader = accelerator.prepare(loader)
     model = model.to(accelerator.device)
-    positions, rewards, scores = collect_segment_rewards(model, loader, threshold, accelerator)
-    fitted = normalizer_settings(positions, rewards, scores, len(scores))
+    collected = []
+    for part in (range(n), range(n, len(ds))):
+        loader = torch.utils.data.DataLoader(ds.select(part), args.batch_size, collate_fn=collate)
+        collected.append(
+            collect_segment_rewards(model, accelerator.prepare(loader), threshold, accelerator)
+        )
+    (positions, rewards, _), scores = collected[0], collected[1][2]
+    fitted = normalizer_settings(positions, rewards, scores, 2 * n)
     if not all(math.isfinite(v) for v in [*fitted["normalizer"], fitted["mean"], fitted["std"]]):
-        fail(f"the fit on {len(scores)} responses is not finite; pass a larger --norm-samples")
+        fail(f"the fit on {2 * n} responses is not finite; pass a larger --norm-samples")
     settings.update(fitted, reference_model=ref_path)
     if accelerator.is_main_process:
         if plot:  # first: a failing plot leaves the settings as they were
@@ -1024,7 +1045,7 @@ def sft(args):
     if args.model:
         tokenizer, model = load_tokenizer(args.model), load_model(args.model)
     else:
-        tokenizer = build_toy_tokenizer()
+        tokenizer = build_toy_tokenizer(args.toy_lists)
         model = build_toy_model(tokenizer)
     loader = sft_loader(args, tokenizer)
     total = args.epochs * math.ceil(len(loader) / args.grad_accum)
@@ -1061,7 +1082,8 @@ def sft_loader(args, tokenizer):
     if args.dataset:
         ds = load_rows(args.dataset)
     else:
-        ds = datasets.Dataset.from_list(toy_sft_rows(3000, args.flaw_rate, args.seed))
+        rows = toy_sft_rows(3000, args.flaw_rate, args.seed, args.toy_lists)
+        ds = datasets.Dataset.from_list(rows)
     key = next((k for k in ("completion", "chosen", "messages") if k in ds.column_names), "")
     check_columns(ds, [key or "completion"])
     end_id = end_token_id(tokenizer, args.end_token)
@@ -1089,10 +1111,18 @@ def sft_loader(args, tokenizer):
 # ----------------------------------------------------------------------------------------------
 # The embedded toy task: "Name 7 fruits." -> "Fruits: apple, cherry, fig, kiwi, lemon, mango, plum."
 # Each item is right or wrong on its own and an answer has 6-8 of them: which item made an answer
-# worse is what segment rewards can tell PPO and one reward per answer cannot (README: toy design
-# notes).
+# worse is what segment rewards can tell PPO and one reward per answer cannot (docs/toy.md: design
+# notes). --toy-lists N asks for N lists of distinct categories in one answer, for the same task
+# at N times the length: "Name 8 birds, 7 fruits and 6 tools." -> "Birds: ... Fruits: ... Tools:".
 
 TOY_SFT, TOY_RM, TOY_PPO = "runs/toy-sft", "runs/toy-rm", "runs/toy-ppo"
+LOOK_SFT, LOOK_RM = "runs/look-sft", "runs/look-rm"  # `ppo --preset look`: a two-minute look
+TOY_LOOK = {  # the same pipeline with fewer epochs and PPO steps
+    "sft": {"epochs": 4, "output_dir": LOOK_SFT},
+    "train-rm": {"epochs": 2, "model": LOOK_SFT, "output_dir": LOOK_RM},
+    "fit-norm": {"reward_model": LOOK_RM},
+    "ppo": {"steps": 40, "reward_model": LOOK_RM, "output_dir": "runs/look-ppo"},
+}
 CATEGORIES = {  # six categories of 9-10 items, each one BPE token
     "fruits": "apple cherry fig grape kiwi lemon mango melon pear plum".split(),
     "colors": "beige black blue brown cyan gray green pink red white".split(),
@@ -1100,6 +1130,11 @@ CATEGORIES = {  # six categories of 9-10 items, each one BPE token
     "tools": "axe chisel clamp drill file hammer pliers rake saw".split(),
     "metals": "brass bronze copper gold iron lead nickel silver tin".split(),
     "drinks": "beer cider cocoa coffee juice milk soda tea water wine".split(),
+}
+LONG_CATEGORIES = {  # two more for answers of 7-8 lists; one list draws from the six only
+    **CATEGORIES,
+    "birds": "crow dove duck eagle goose hawk owl raven swan".split(),
+    "trees": "ash beech birch cedar elm fir maple oak pine".split(),
 }
 TOY_COUNTS = (6, 7, 8)
 TOY_ITEM_FLAWS = {"wrong": 4, "garbled": 1, "repeat": 1}  # kind: weight, per item
@@ -1118,63 +1153,102 @@ TOY_DEMO = (
 )  # the `segment` view's default pair
 
 
-def toy_prompt(rng):
-    n, category = rng.choice(TOY_COUNTS), rng.choice(sorted(CATEGORIES))
-    return f"Name {n} {category}.", n, category
+def toy_prompt(rng, lists=1):
+    """'Name 7 fruits.', or with lists > 1 'Name 8 birds, 7 fruits and 6 tools.' (categories in
+    alphabetical order: a model this small did not learn to copy an order of 8 from the prompt);
+    and the asks: [(8, 'birds'), ...]."""
+    if lists == 1:  # (the draws of the quick start's task, kept as they were)
+        asks = [(rng.choice(TOY_COUNTS), rng.choice(sorted(CATEGORIES)))]
+    else:
+        categories = sorted(rng.sample(sorted(LONG_CATEGORIES), lists))
+        asks = [(rng.choice(TOY_COUNTS), category) for category in categories]
+    named = [f"{n} {category}" for n, category in asks]
+    head = ", ".join(named[:-1]) + " and " if lists > 1 else ""
+    return f"Name {head}{named[-1]}.", asks
 
 
-def toy_response(rng, n, category, flaw_rate=0.0, flaws=TOY_FLAWS):
-    """A right answer lists n distinct items of the category in alphabetical order (so a small
-    model avoids repeats by looking at the item before). Each item is flawed with probability
-    flaw_rate: 'wrong' (another category's item), 'garbled' (random letters: text that is no item
-    at all, which PPO would otherwise be free to try) or 'repeat' (the item before, again). With
-    probability flaw_rate the answer also has one item too many or too few ('count'). `flaws`:
-    the kinds drawn."""
-    k = n + (rng.choice((-1, 1)) if "count" in flaws and rng.random() < flaw_rate else 0)
-    items = sorted(rng.sample(CATEGORIES[category], k))
+def toy_response(rng, asks, flaw_rate=0.0, flaws=TOY_FLAWS):
+    """One list per ask. A right list names n distinct items of its category in alphabetical order
+    (so a small model avoids repeats by looking at the item before). Each item is flawed with
+    probability flaw_rate: 'wrong' (another category's item), 'garbled' (random letters: text that
+    is no item at all, which PPO would otherwise be free to try) or 'repeat' (the item before,
+    again). With probability flaw_rate a list also has one item too many or too few ('count').
+    `flaws`: the kinds drawn."""
+    pool = CATEGORIES if len(asks) == 1 else LONG_CATEGORIES
     kinds = [f for f in flaws if f in TOY_ITEM_FLAWS]
-    for i in range(k):
-        if not kinds or rng.random() >= flaw_rate:
+    lists = []
+    for n, category in asks:
+        k = n + (rng.choice((-1, 1)) if "count" in flaws and rng.random() < flaw_rate else 0)
+        items = sorted(rng.sample(pool[category], k))
+        for i in range(k):
+            if not kinds or rng.random() >= flaw_rate:
+                continue
+            flaw = rng.choices(kinds, [TOY_ITEM_FLAWS[f] for f in kinds])[0]
+            if flaw == "repeat" and i > 0:
+                items[i] = items[i - 1]
+            elif flaw == "garbled":
+                items[i] = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(4))
+            else:  # 'wrong', or a 'repeat' drawn for the first item
+                other = rng.choice([c for c in sorted(pool) if c != category])
+                items[i] = rng.choice(pool[other])
+        lists.append(f"{category.capitalize()}: {', '.join(items)}.")
+    return " ".join(lists)
+
+
+def toy_read(prompt, response):
+    """[(n asked, labels), ...] per asked list; labels: one boolean per listed item, True for an
+    item of the asked category that no earlier item of its list repeats; a list that is not
+    'item, item, ... .' has n False labels (no credit for its items; the other lists keep
+    theirs). None when the headers ('Fruits: ') are not the asked ones, in order, a space
+    apart."""
+    named = re.fullmatch(r"Name (\d+ \w+(?:, \d+ \w+)*(?: and \d+ \w+)?)\.", prompt.strip())
+    response = response.strip()
+    heads = list(re.finditer(r"(?:^|(?<= ))([A-Z]\w*): ", response))
+    asks = re.findall(r"(\d+) (\w+)", named.group(1)) if named else []
+    if not asks or [m.group(1) for m in heads] != [c.capitalize() for _, c in asks]:
+        return None
+    if heads[0].start() > 0:
+        return None
+    ends = [m.start() for m in heads[1:]] + [len(response)]
+    read = []
+    for (n, category), head, end in zip(asks, heads, ends):
+        body = response[head.end() : end].rstrip(" ")
+        if not re.fullmatch(r"\w+(?:, \w+)*\.", body):
+            read.append((int(n), [False] * int(n)))
             continue
-        flaw = rng.choices(kinds, [TOY_ITEM_FLAWS[f] for f in kinds])[0]
-        if flaw == "repeat" and i > 0:
-            items[i] = items[i - 1]
-        elif flaw == "garbled":
-            items[i] = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(4))
-        else:  # 'wrong', or a 'repeat' drawn for the first item
-            other = rng.choice([c for c in sorted(CATEGORIES) if c != category])
-            items[i] = rng.choice(CATEGORIES[other])
-    return f"{category.capitalize()}: {', '.join(items)}."
+        items, known = body[:-1].split(", "), LONG_CATEGORIES.get(category, [])
+        read.append((int(n), [x in known and x not in items[:i] for i, x in enumerate(items)]))
+    return read
 
 
 def toy_item_labels(prompt, response):
-    """One boolean per listed item: True for an item of the asked category that no earlier item
-    repeats; None when the answer is malformed (not 'Category: item, item, ... .')."""
-    ask = re.fullmatch(r"Name (\d+) (\w+)\.", prompt.strip())
-    ans = re.fullmatch(r"(\w+): (\w+(, \w+)*)\.", response.strip())
-    if not ask or not ans or ans.group(1) != ask.group(2).capitalize():
+    """The labels of toy_read, all lists in one: one boolean per item of the answer; or None."""
+    read = toy_read(prompt, response)
+    return None if read is None else [ok for _, labels in read for ok in labels]
+
+
+def toy_counts(prompt, response):
+    """(correct, max(asked, given)) summed over the lists; None if malformed. Items past the asked
+    count are not correct: in a list of 8 where 7 were asked, at most 7 are."""
+    read = toy_read(prompt, response)
+    if read is None:
         return None
-    items, category = ans.group(2).split(", "), CATEGORIES.get(ask.group(2), [])
-    return [item in category and item not in items[:i] for i, item in enumerate(items)]
+    right = sum(min(sum(labels), n) for n, labels in read)
+    return right, sum(max(n, len(labels)) for n, labels in read)
 
 
 def toy_score(prompt, response):
-    """Exact quality in [0, 1]: correct items / max(asked, given); 0 if malformed. Partial credit:
-    each item fixed moves it by 1/n."""
-    labels = toy_item_labels(prompt, response)
-    if not labels:
-        return 0.0
-    n = int(prompt.split()[1])
-    return min(sum(labels), n) / max(n, len(labels))
+    """Exact quality in [0, 1]: correct items / max(asked, given), both summed over the lists; 0 if
+    malformed. Partial credit: each item fixed moves it by 1/(items asked)."""
+    counts = toy_counts(prompt, response)
+    return counts[0] / counts[1] if counts else 0.0
 
 
 def toy_flaws(prompt, response):
-    """Flaws of an answer, max(asked, given) - correct: a wrong item, a repeat, one too many and
-    one too few each count one; inf if malformed."""
-    labels, n = toy_item_labels(prompt, response), int(prompt.split()[1])
-    if labels is None:
-        return math.inf
-    return max(n, len(labels)) - min(sum(labels), n)
+    """Flaws of an answer, max(asked, given) - correct summed over the lists: a wrong item, a
+    repeat, one too many and one too few each count one; inf if malformed."""
+    counts = toy_counts(prompt, response)
+    return counts[1] - counts[0] if counts else math.inf
 
 
 def toy_segment_accuracy(tokenizer, ref, rm, rows, threshold, end_id):
@@ -1194,6 +1268,8 @@ def toy_segment_accuracy(tokenizer, ref, rm, rows, threshold, end_id):
         # characters up to the end of each segment; an item ends before its "," or "."
         stops = list(itertools.accumulate(len(s["text"]) for s in segments))
         item_ends = [m.end() for m in re.finditer(r"\w+(?=[,.])", response)]
+        if len(item_ends) != len(labels):  # a broken list: no item to read its segment off
+            continue
         rewards = [segments[bisect.bisect_left(stops, e)]["reward"] for e in item_ends]
         bad = [r for r, ok in zip(rewards, labels) if not ok]
         good = [r for r, ok in zip(rewards, labels) if ok]
@@ -1214,19 +1290,19 @@ def toy_rm_report(args, accelerator, model_path, tokenizer):
         return {"segment_accuracy": None}
     ref, rm = load_model(model_path).eval(), load_model(args.output_dir, "value").eval()
     end_id = end_token_id(tokenizer, args.end_token)
-    rows = toy_preference_rows(args.eval_size, seed=-1)
+    rows = toy_preference_rows(args.eval_size, seed=-1, lists=args.toy_lists)
     accuracy = toy_segment_accuracy(tokenizer, ref, rm, rows, args.entropy_threshold, end_id)
     return {"segment_accuracy": round(accuracy, 4)}
 
 
-def toy_preference_rows(n, seed=0):
+def toy_preference_rows(n, seed=0, lists=1):
     """Pairs (prompt, chosen, rejected): two answers to one prompt, each with its own per-item flaw
     rate; chosen has fewer flaws (ties dropped). Both may be imperfect, so which items decide the
     preference is for the reward model to find out, as in real preference data."""
     rng, rows = random.Random(seed), []
     while len(rows) < n:
-        prompt, k, category = toy_prompt(rng)
-        a, b = (toy_response(rng, k, category, rng.choice(TOY_PAIR_FLAW_RATES)) for _ in "ab")
+        prompt, asks = toy_prompt(rng, lists)
+        a, b = (toy_response(rng, asks, rng.choice(TOY_PAIR_FLAW_RATES)) for _ in "ab")
         fa, fb = toy_flaws(prompt, a), toy_flaws(prompt, b)
         if fa != fb:
             chosen, rejected = (a, b) if fa < fb else (b, a)
@@ -1234,27 +1310,27 @@ def toy_preference_rows(n, seed=0):
     return rows
 
 
-def toy_sft_rows(n, flaw_rate, seed=0):
+def toy_sft_rows(n, flaw_rate, seed=0, lists=1):
     """SFT targets, each item wrong or garbled with probability flaw_rate, never a repeat or a
     wrong count: the SFT model makes mistakes at about that rate, which leaves PPO work to do, and
-    rarely tries what its reward model judges worst (README: toy design notes)."""
+    rarely tries what its reward model judges worst (docs/toy.md: design notes)."""
     rng, rows = random.Random(seed + 1), []
     for _ in range(n):
-        prompt, k, category = toy_prompt(rng)
-        completion = toy_response(rng, k, category, flaw_rate, ("wrong", "garbled"))
+        prompt, asks = toy_prompt(rng, lists)
+        completion = toy_response(rng, asks, flaw_rate, ("wrong", "garbled"))
         rows.append({"prompt": prompt, "completion": completion})
     return rows
 
 
-def toy_prompt_rows(n, seed=0):
+def toy_prompt_rows(n, seed=0, lists=1):
     rng = random.Random(seed + 2)
-    return [{"prompt": toy_prompt(rng)[0]} for _ in range(n)]
+    return [{"prompt": toy_prompt(rng, lists)[0]} for _ in range(n)]
 
 
-def build_toy_tokenizer():
+def build_toy_tokenizer(lists=1):
     """A byte-level BPE trained on the toy corpus, with a chat template: toy and hub models then
     share every code path (apply_chat_template, end token, padding)."""
-    rows = toy_preference_rows(2000, seed=123)
+    rows = toy_preference_rows(2000, seed=123, lists=lists)
     corpus = [r["prompt"] + " " + r["chosen"] + " " + r["rejected"] for r in rows]
     special = ["<pad>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
     tok = Tokenizer(models.BPE())
@@ -1289,12 +1365,73 @@ def build_toy_model(tokenizer):
     return LlamaForCausalLM(config)
 
 
-def toy_sft_model():
-    """The toy SFT model, trained on first use."""
-    if not os.path.exists(os.path.join(TOY_SFT, "config.json")):
-        print(f"building the toy SFT model in {TOY_SFT} ...", file=sys.stderr)
-        sft(resolve("sft", SFTArgs(output_dir=TOY_SFT)))  # never over another run
-    return TOY_SFT
+def toy_model(path):
+    """`path`; if it is one of the toy's models (the quick start's or the look's) and not there
+    yet, first trained there, never over another run, with a line on how it went."""
+    built = {TOY_SFT: ["sft"], TOY_RM: ["train-rm"], LOOK_SFT: ["sft"], LOOK_RM: ["train-rm"]}
+    argv = built.get(path)
+    done = os.path.isfile(os.path.join(path, "config.json"))
+    if argv is None or done and (argv == ["sft"] or has_settings(path)):
+        return path
+    look = ["--preset", "look"] if path in (LOOK_SFT, LOOK_RM) else []
+    command, args = parse_args([*argv, *look, "--output-dir", path])
+    if command == "train-rm":  # its SFT model first
+        toy_model(args.model or TOY_SFT)
+    print(f"{command}: building {path} ...", file=sys.stderr)
+    start = time.perf_counter()
+    result = {"sft": sft, "train-rm": train_rm}[command](resolve(command, args))
+    seconds = time.perf_counter() - start
+    if command == "sft":
+        figures = f"loss {result['sft/loss']:.3f}"
+        rest = seconds * (QUICK_START_REST_LOOK if look else QUICK_START_REST)
+        figures += f"; at this speed the rest takes about {rest / 60:.0f} min"
+    else:
+        figures = f"pair accuracy {result['eval_accuracy']:.3f}"
+        if result.get("segment_accuracy") is not None:
+            figures += f", per-segment accuracy {result['segment_accuracy']:.3f}"
+        figures += f" on {args.eval_size} held-out pairs (in {path}/result.json)"
+    print(f"{command}: done in {seconds:.0f} s, {figures}", file=sys.stderr)
+    return path
+
+
+# The quick start (`ppo` with no arguments, or `--preset look`) says what it does, stage by stage.
+QUICK_START = {
+    "sft": "SFT model (a 0.8M-parameter Llama learns to answer 'Name 7 fruits.')",
+    "train-rm": "segment reward model (trained on preference pairs, cut at entropy 1.0)",
+    "ppo": "policy (PPO against the segment rewards, {steps} steps)",
+}
+QUICK_START_REST, QUICK_START_REST_LOOK = 3.5, 3.0  # reward model + PPO time / SFT time, measured
+
+
+def quick_start_plan(args):
+    """The stages of a toy ppo run with the models it will build, before it starts."""
+    rm = args.reward_model
+    stages = [(TOY_SFT if rm == TOY_RM else LOOK_SFT, "sft"), (rm, "train-rm")]
+    todo = [(p, c) for p, c in stages if not os.path.isfile(os.path.join(p, "config.json"))]
+    todo.append((args.output_dir, "ppo"))
+    lines = [f"  {c:8} {p:14} {QUICK_START[c].format(steps=args.steps)}" for p, c in todo]
+    when = "about 2 min" if rm == LOOK_RM else "4 to 6 min"
+    head = f"the toy quick start: {len(lines)} stage(s), {when} on 2 CPU cores"
+    print("\n".join([head, *lines]), file=sys.stderr)
+
+
+def quick_start_summary(args, result, seconds):
+    """Where the models are, the score before and after, and what to look at next."""
+    sft_dir = TOY_SFT if args.reward_model == TOY_RM else LOOK_SFT
+    before, after = result["toy_score_before"], result["toy_score_after"]
+    flawed = f"{result['flawed_rate_before']:.0%} -> {result['flawed_rate_after']:.0%}"
+    took = f"done in {seconds / 60:.1f} min" if seconds else "done before"
+    lines = [
+        f"{took}. On {args.eval_prompts} held-out prompts:",
+        f"  exact toy score {before:.3f} -> {after:.3f} (1: every item of every answer right);"
+        f" answers with a flaw {flawed}",
+        f"  models: {sft_dir} (SFT), {args.reward_model} (reward model), {result['output_dir']}"
+        " (policy; metrics.jsonl: a row per PPO step)",
+        "  look at the segments and their rewards:"
+        f" python segment_rlhf.py segment --reward-model {args.reward_model} --html segments.html",
+        "  draw the learning curves and the normalizer: python benchmarks/make_figures.py",
+    ]
+    print("\n".join(lines), file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1472,7 +1609,7 @@ def rm_pairs(args, tokenizer):
     ds = (
         load_rows(args.dataset)
         if args.dataset
-        else datasets.Dataset.from_list(toy_preference_rows(2200, args.seed))
+        else datasets.Dataset.from_list(toy_preference_rows(2200, args.seed, args.toy_lists))
     )
     return prepare_pairs(ds, tokenizer, args, end_token_id(tokenizer, args.end_token))
 
@@ -1551,8 +1688,9 @@ def prompt_splits(args, tokenizer):
     if args.dataset:
         ds = load_rows(args.dataset)
     else:  # toy: training prompts follow --seed; the held-out ones are the same for every seed
-        rows = toy_prompt_rows(20 * args.batch_size, args.seed)
-        ds = datasets.Dataset.from_list(rows + toy_prompt_rows(args.eval_prompts, seed=-1))
+        rows = toy_prompt_rows(20 * args.batch_size, args.seed, args.toy_lists)
+        held_out = toy_prompt_rows(args.eval_prompts, seed=-1, lists=args.toy_lists)
+        ds = datasets.Dataset.from_list(rows + held_out)
     key = next((k for k in ("prompt", "chosen", "messages") if k in ds.column_names), None)
     if key is None:
         fail(
@@ -1769,7 +1907,7 @@ def save_model(accelerator, model, tokenizer, output_dir):
 
 
 # ----------------------------------------------------------------------------------------------
-# Runs, by four mechanisms (README: nothing lost): one rule for every path written (output_path),
+# Runs, by four mechanisms (docs/robustness.md): one rule for every path written (output_path),
 # every file written atomically (atomic), a run is finished or it is not (start_run, finish_run:
 # result.json), and one error boundary (main).
 
@@ -2098,7 +2236,7 @@ PAPER_MODELS = {
         bandit=(-0.8281, 2.9375)),
     # Not from the paper: its recipe sized for one small GPU or a patient CPU. No released reward
     # model: `train-rm --preset smollm2-135m` writes the one that `ppo --preset` reads. c = 3.0
-    # gives this model phrase-length segments (README: a real model offline); learning rates
+    # gives this model phrase-length segments (docs/smollm2.md); learning rates
     # scaled up for a 135M model, not tuned.
     "smollm2-135m": dict(
         model="HuggingFaceTB/SmolLM2-135M-Instruct", c=3.0, end_token="<|im_end|>", episodes=1,
@@ -2120,8 +2258,10 @@ PAPER_BOTH = dict(bf16=True, gradient_checkpointing=True, min_lr_ratio=0.1, head
 def preset_defaults(name, command):
     """Flag defaults for `command` under preset `name`. A preset's train-rm writes its reward model
     to runs/<preset>-segment-rm; its ppo uses the released one (--reward-model names another)."""
+    if name == "look":
+        return TOY_LOOK.get(command, {})
     if name not in PAPER_MODELS:
-        fail(f"unknown --preset {name!r}; choose from {', '.join(PAPER_MODELS)}")
+        fail(f"unknown --preset {name!r}; choose from look, {', '.join(PAPER_MODELS)}")
     m, trained = PAPER_MODELS[name], f"runs/{name}-segment-rm"
     common = {"model": m["model"], "end_token": m["end_token"]}
     if command == "train-rm":
@@ -2244,7 +2384,7 @@ def planned_rm_settings(args):
     """The reward model's settings; for one not trained yet (the toy's, or the one a preset's
     train-rm writes), those it will be trained with."""
     path, preset = args.reward_model, args.preset
-    if path == TOY_RM and not has_settings(path):
+    if path in (TOY_RM, LOOK_RM) and not has_settings(path):
         return {"entropy_threshold": RMArgs.entropy_threshold, "normalizer": "fitted by train-rm"}
     if (
         preset
@@ -2275,7 +2415,7 @@ def resolve_reward(args, settings):
         )
     if args.value_clip is None:
         args.value_clip = 0.2 if args.reward_mode == "bandit" else 0.25  # the paper's values
-    recipe = PAPER_MODELS[args.preset]["recipe"].get(args.reward_mode, {}) if args.preset else {}
+    recipe = PAPER_MODELS.get(args.preset, {"recipe": {}})["recipe"].get(args.reward_mode, {})
     if args.length_norm is None:
         args.length_norm = recipe.get("length_norm", False)
     if args.end_penalty is None:
@@ -2284,10 +2424,7 @@ def resolve_reward(args, settings):
 
 def ensure_reward_model(args):
     """The reward model's settings; the toy reward model is trained on first use."""
-    if args.reward_model == TOY_RM and not has_settings(TOY_RM):
-        print(f"building the toy reward model in {TOY_RM} ...", file=sys.stderr)
-        train_rm(resolve("train-rm", RMArgs(output_dir=TOY_RM)))  # never over another run
-    settings = load_rm_settings(args.reward_model)
+    settings = load_rm_settings(toy_model(args.reward_model))
     resolve_reward(args, settings)
     return settings
 
@@ -2380,7 +2517,7 @@ def segment(args):
     settings = load_rm_settings(args.reward_model) if args.reward_model else {}
     threshold = args.entropy_threshold
     threshold = settings.get("entropy_threshold", 1.0) if threshold is None else threshold
-    model_path = reference_model(args, settings) if settings else args.model or toy_sft_model()
+    model_path = reference_model(args, settings) if settings else toy_model(args.model or TOY_SFT)
     page = args.html and output_path(
         args.html, [model_path, args.reward_model, args.dataset], "--html"
     )
@@ -2410,7 +2547,10 @@ def segment(args):
         else end_token_id(tokenizer, args.end_token or settings.get("end_token", ""))
     )
     cut = cut_segments(tokenizer, ref, rm, [(p, r) for _, p, r in shown], threshold, end_id)
-    views = [{"title": title, "segments": segs} for (title, _, _), segs in zip(shown, cut)]
+    views = [
+        {"title": title, "prompt": prompt and prompt[-1]["content"], "segments": segs}
+        for (title, prompt, _), segs in zip(shown, cut)
+    ]
     from benchmarks import extras
 
     for view in views:
@@ -2553,8 +2693,11 @@ def interruption(e):
 def main(argv=None):
     command, previous = None, signal.signal(signal.SIGTERM, interrupt)
     # transformers reports a fresh scalar head as MISSING, which reads like an error: load_model
-    # checks the loading info itself, so that report is not shown.
-    transformers_logging.get_logger("transformers.modeling_utils").setLevel("ERROR")
+    # checks the loading info itself, so that report is not shown. (A quiet modeling_utils makes
+    # transformers 5 check tensor-parallel plans, and say which layers were "not sharded" on one
+    # device: quiet too.)
+    for name in ("modeling_utils", "distributed.tensor_parallel"):
+        transformers_logging.get_logger(f"transformers.{name}").setLevel("ERROR")
     try:
         command, args = parse_args(argv)
         args = resolve(command, args)
@@ -2564,6 +2707,11 @@ def main(argv=None):
                 resolved["reward_model_settings"] = planned_rm_settings(args)
             print(json.dumps(resolved, indent=1))
             return resolved
+        quick = command == "ppo" and args.reward_model in (TOY_RM, LOOK_RM) and not args.dataset
+        finished = quick and not args.overwrite and os.path.isfile(f"{args.output_dir}/result.json")
+        if quick and not finished:
+            quick_start_plan(args)
+        start = time.perf_counter()
         run = {
             "sft": sft,
             "train-rm": train_rm,
@@ -2573,6 +2721,8 @@ def main(argv=None):
         }
         try:
             result = run[command](args)
+            if quick and "toy_score_after" in result:
+                quick_start_summary(args, result, not finished and time.perf_counter() - start)
         except BaseException as e:
             if RUN:  # the error line on a line of its own, not glued to a progress bar
                 print(file=sys.stderr)

@@ -6,6 +6,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -286,7 +287,7 @@ def test_toy_score_checks_each_flaw():
         "Colors: goat, goat, goat, goat.": ([False] * 4, 0.0),
         "Fruits: blue, pink, red.": (None, 0.0),  # header of another category
         "blue, pink, red.": (None, 0.0),
-        "Colors: blue, , red.": (None, 0.0),
+        "Colors: blue, , red.": ([False] * 3, 0.0),  # a list broken: no credit for it
     }
     for answer, (labels, score) in cases.items():
         assert S.toy_item_labels(ask, answer) == labels, answer
@@ -300,18 +301,88 @@ def test_toy_answers_draw_each_flaw_kind():
     rng = random.Random(0)
     for _ in range(20):
         n = rng.choice(S.TOY_COUNTS)
-        clean = S.toy_response(rng, n, "fruits")
+        clean = S.toy_response(rng, [(n, "fruits")])
         items = clean[len("Fruits: ") : -1].split(", ")
         assert S.toy_score(f"Name {n} fruits.", clean) == 1 and items == sorted(items)
         ask = f"Name {n} tools."
-        wrong = S.toy_response(rng, n, "tools", 1.0, ("wrong",))
+        wrong = S.toy_response(rng, [(n, "tools")], 1.0, ("wrong",))
         assert S.toy_item_labels(ask, wrong) == [False] * n
-        garbled = S.toy_response(rng, n, "tools", 1.0, ("garbled",))[len("Tools: ") : -1]
+        garbled = S.toy_response(rng, [(n, "tools")], 1.0, ("garbled",))[len("Tools: ") : -1]
         assert all(len(g) == 4 and g not in S.CATEGORIES["tools"] for g in garbled.split(", "))
-        repeat = S.toy_response(rng, n, "tools", 1.0, ("repeat",))  # the first item: wrong
+        repeat = S.toy_response(rng, [(n, "tools")], 1.0, ("repeat",))  # the first item: wrong
         assert len(set(repeat[:-1].split(", ")[1:])) == 1 and S.toy_score(ask, repeat) == 0
-        count = S.toy_response(rng, n, "tools", 1.0, ("count",))
+        count = S.toy_response(rng, [(n, "tools")], 1.0, ("count",))
         assert all(S.toy_item_labels(ask, count)) and abs(count.count(",") + 1 - n) == 1
+
+
+def test_toy_score_of_long_answers_counts_every_list():
+    ask = "Name 3 colors, 2 birds and 2 trees."
+    right = "Colors: blue, pink, red. Birds: duck, owl. Trees: elm, oak."
+    cases = {  # answer: (item labels, flaws, exact score: correct / max(asked, given), summed)
+        right: ([1] * 7, 0, 1),
+        "Colors: blue, pink, red. Birds: duck, oak. Trees: elm, oak.": (
+            [1] * 4 + [0, 1, 1],
+            1,
+            6 / 7,
+        ),
+        "Colors: blue, pink, red. Birds: duck, owl. Trees: elm, elm.": ([1] * 6 + [0], 1, 6 / 7),
+        "Colors: blue, pink, red. Birds: duck, owl, swan. Trees: elm, oak.": ([1] * 8, 1, 7 / 8),
+        "Colors: blue, red. Birds: duck. Trees: elm, oak.": ([1] * 5, 2, 5 / 7),  # two too few
+        "Colors: xqzv, pink, red. Birds: duck, owl. Trees: elm, goat.": (
+            [0] + [1] * 5 + [0],
+            2,
+            5 / 7,
+        ),
+        "Colors: blue, pink, red. Trees: elm, oak. Birds: duck, owl.": (None, math.inf, 0),  # order
+        "Colors: blue, pink, red. Birds: duck, owl.": (None, math.inf, 0),  # a list missing
+        "Colors: blue, pink, red.Birds: duck, owl. Trees: elm, oak.": (None, math.inf, 0),
+        # one list broken (a garbled item glued on): no credit for its 3, the others count
+        "Colors: blue, pink,xq red. Birds: duck, owl. Trees: elm, oak.": (
+            [0] * 3 + [1] * 4,
+            3,
+            4 / 7,
+        ),
+        "Colors: blue, pink, red. Birds: duck owl. Trees: elm, oak.": (
+            [1] * 3 + [0] * 2 + [1] * 2,
+            2,
+            5 / 7,
+        ),
+        "x Colors: blue, pink, red. Birds: duck, owl. Trees: elm, oak.": (None, math.inf, 0),
+        right + " Trees: elm.": (None, math.inf, 0),  # one list too many
+    }
+    for answer, (labels, flaws, score) in cases.items():
+        expected = None if labels is None else [bool(x) for x in labels]
+        assert S.toy_item_labels(ask, answer) == expected, answer
+        assert S.toy_flaws(ask, answer) == flaws, answer
+        assert S.toy_score(ask, answer) == pytest.approx(score), answer
+    rows = S.toy_sft_rows(50, 0.0, lists=8)
+    assert all(S.toy_score(r["prompt"], r["completion"]) == 1 for r in rows)  # clean at any length
+    assert all(r["prompt"].count(" and ") == 1 and r["completion"].count(":") == 8 for r in rows)
+
+
+def test_toy_segment_accuracy_reads_items_across_lists(monkeypatch):
+    """In a long answer the flawed item's segment is found in whichever list it is."""
+    response = "Colors: blue, goat. Birds: duck, owl."
+    rows = [{"prompt": "Name 2 colors and 2 birds.", "chosen": response, "rejected": response}]
+    cut = [("Colors:", 0.0), (" blue,", 1.0), (" goat.", 2.0), (" Birds: duck,", -1.0)]
+    cut.append((" owl.", 3.0))  # goat (2.0) is below owl only: 1 of 3 comparisons, twice
+
+    def cut_segments(tokenizer, ref, rm, pairs, threshold, end_id):
+        return [[{"text": t, "reward": r} for t, r in cut] for _ in pairs]
+
+    monkeypatch.setattr(S, "cut_segments", cut_segments)
+    assert S.toy_segment_accuracy(None, None, None, rows, 1.0, 0) == pytest.approx(1 / 3)
+
+
+def test_a_short_reward_model_run_on_long_answers_beats_chance(toy, tmp_path):
+    """Eight lists an answer (~135 tokens, the ablation's long answers): the pairs, the lengths
+    that hold them and a reward model trained on them for four epochs from the toy SFT model."""
+    data = write_rows(tmp_path / "pairs.jsonl", S.toy_preference_rows(320, seed=3, lists=8))
+    argv = ["train-rm", "--model", toy["sft"], "--dataset", data, "--toy-lists", "8"]
+    argv += ["--max-len", "224", "--max-prompt-len", "48", "--epochs", "4", "--eval-size", "64"]
+    result = S.main([*argv, "--output-dir", str(tmp_path / "rm")])
+    assert result["eval_accuracy"] > 0.6, result  # 0.5: chance; 0.70 here
+    assert result["segment/per_response"] > 40  # an item a segment, over all eight lists
 
 
 def test_toy_pairs_prefer_fewer_flaws_and_both_may_be_imperfect():
@@ -642,12 +713,26 @@ def test_segment_page_shades_each_segment_and_escapes_what_it_shows(toy, tmp_pat
     assert "\033[48;2;" in segments_terminal(out["segments"], color=True)
 
 
-def test_fit_norm_refits_the_saved_normalizer(toy):
-    before = S.load_rm_settings(toy["rm"])
-    out = S.main(["fit-norm", "--reward-model", toy["rm"], "--norm-samples", "200"])
-    after = S.load_rm_settings(toy["rm"])
+def test_fit_norm_refits_the_saved_normalizer(toy, tmp_path):
+    rm = str(shutil.copytree(toy["rm"], tmp_path / "rm"))  # the fixture stays as train-rm left it
+    before = S.load_rm_settings(rm)
+    out = S.main(["fit-norm", "--reward-model", rm, "--norm-samples", "200"])
+    after = S.load_rm_settings(rm)
     assert out["norm_samples"] == after["norm_samples"] == 400  # 200 pairs, chosen and rejected
     assert after["normalizer"] == out["normalizer"] != before["normalizer"]
+
+
+def test_fit_norm_with_its_defaults_refits_what_train_rm_fitted(toy, tmp_path, capfd):
+    """The same pairs, split the same way: the normalizer from the training pairs, the mean /
+    std from the held-out ones. (A refit on all pairs moved the toy's mean from 0.60 to 0.32.)"""
+    rm = shutil.copytree(toy["rm"], tmp_path / "rm")
+    trained = S.load_rm_settings(str(rm))
+    S.main(["fit-norm", "--reward-model", str(rm)])
+    assert "from 2000 training pairs, the mean / std from 200 held-out" in capfd.readouterr().err
+    refit = S.load_rm_settings(str(rm))
+    assert refit["norm_samples"] == trained["norm_samples"] == 4000
+    for key in ("normalizer", "mean", "std"):
+        assert refit[key] == pytest.approx(trained[key], rel=1e-4, abs=1e-5), key
 
 
 def test_short_toy_ppo_raises_the_reward_and_saves_a_loadable_policy(toy):
@@ -1329,7 +1414,7 @@ def test_fit_norm_writes_only_when_done_keeps_a_backup_and_honours_output_dir(
 ):
     rm = shutil.copytree(toy["rm"], tmp_path / "rm")
     before = tree_hashes(rm)
-    seen, entropies = [], S.add_entropies_batch  # reference forwards: for the 2 pairs, not 2,200
+    seen, entropies = [], S.add_entropies_batch  # reference forwards: 2 + 200 held out, not 2,200
     monkeypatch.setattr(
         S, "add_entropies_batch", lambda rows, *a: seen.append(rows) or entropies(rows, *a)
     )
@@ -1337,7 +1422,7 @@ def test_fit_norm_writes_only_when_done_keeps_a_backup_and_honours_output_dir(
     out = S.main(["fit-norm", "--reward-model", str(rm), "--norm-samples", "2", "--output-dir",
                   str(tmp_path / "refit")])  # fmt: skip
     assert "rests on only 4 responses" in capfd.readouterr().err
-    assert [len(rows["prompt_ids"]) for rows in seen] == [2]
+    assert sum(len(rows["prompt_ids"]) for rows in seen) == 2 + 200
     monkeypatch.undo()
     assert tree_hashes(rm) == before and out["output_dir"] == str(tmp_path / "refit")
     refit = S.load_rm_settings(str(tmp_path / "refit"))
@@ -1400,6 +1485,34 @@ def test_an_interrupt_that_torch_wraps_is_still_an_interrupt(wrapped, monkeypatc
         S.main(["segment"])
     assert e.value.code == 143
     assert capsys.readouterr().err.strip() == "segment_rlhf: error: interrupted by SIGTERM"
+
+
+def readme_commands():
+    """The README's one-line commands that read the toy and train nothing (segment views, dry runs,
+    --help), as written, inline or in a bash block."""
+    text = open(os.path.join(os.path.dirname(S.__file__), "README.md")).read()
+    spans = re.findall(r"`(python segment_rlhf\.py [^`\n]+)`", text)
+    lines = re.findall(r"^(python segment_rlhf\.py [^\\\n]+?)\s*(?:#.*)?$", text, re.M)
+    quick = lambda c: "$" not in c and re.search(r" segment | --dry-run| --help", c + " ")  # noqa: E731
+    return sorted({c.strip() for c in spans + lines if quick(c)})
+
+
+def test_readme_short_commands_run_as_written(toy, tmp_path, monkeypatch, capsys):
+    """Each runs from a folder whose runs/toy-sft and runs/toy-rm are the fixture's: a README
+    command that drifts from the code (a renamed flag, a placeholder) fails here."""
+    commands = readme_commands()
+    assert len(commands) >= 4 and any("--html" in c for c in commands), commands
+    (tmp_path / "runs").mkdir()
+    for name in ("sft", "rm"):
+        shutil.copytree(toy[name], tmp_path / "runs" / f"toy-{name}")
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        argv = shlex.split(command)[2:]
+        try:
+            S.main(argv)
+        except SystemExit as e:
+            assert e.code in (0, None), (command, e.code)
+        assert "error" not in capsys.readouterr().err, command
 
 
 # --- paper presets --------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ normalizer plot (`fit-norm --plot`, benchmarks/make_figures.py) and the GGUF con
   numbered table; segments_html: a self-contained page, each response with its segments shaded
   by reward (red below zero, green above) and a bar under every token for its entropy, the
   cutoff drawn across.
-- plot_normalizer: the segment rewards' mean and std per position p = k / K with the fitted
-  location-aware lines mu(p) and sigma(p) (needs matplotlib).
+- plot_normalizer: the segment rewards' mean and std in bins of position p = k / K with the
+  fitted location-aware lines mu(p) and sigma(p) (needs matplotlib).
 - gguf_folder: a GGUF checkpoint as a plain transformers folder in the cache, converted once.
 """
 
@@ -65,8 +65,10 @@ h1{font-size:18px;margin:0 0 4px} h2{font-size:14px;margin:0 0 2px}
 .view{background:#fff;border:1px solid #d8dee4;border-radius:6px;padding:12px 14px;min-width:0}
 .tok{display:inline-flex;flex-direction:column;vertical-align:top;margin-bottom:6px}
 .tt{white-space:pre;padding:1px 0} .end{box-shadow:inset -2px 0 #4b5563;padding-right:2px}
-.bar{position:relative;height:18px;background:#fff}
-.bar i{position:absolute;bottom:0;left:0;right:1px;background:#c3cad3} .bar i.hi{background:#52606f}
+.prompt{color:#57606a;font-size:13px;margin:2px 0 6px} .prompt b{color:#1b1f24}
+.bar{position:relative;height:30px;background:#f3f5f7;border-bottom:1px solid #c8ccd1}
+.bar i{position:absolute;bottom:0;left:1px;right:1px;background:#aab4c0}
+.bar i.hi{background:#24303d}
 @media(max-width:700px){.views{grid-template-columns:1fr!important}}
 """
 
@@ -80,12 +82,14 @@ def segments_html(views, threshold):
     css = PAGE_CSS
     if math.isfinite(threshold):  # the cutoff line across every entropy bar
         css += ".bar::after{content:'';position:absolute;left:0;right:0;"
-        css += f"bottom:{100 * threshold / h_max:.1f}%;border-top:1px solid #d9480f}}"
+        css += f"bottom:{100 * threshold / h_max:.1f}%;border-top:2px dashed #d9480f}}"
     sections = [view_html(v, scale, h_max, threshold) for v in views]
-    legend = "bars: each token's entropy H under the reference model"
+    legend = "bars: each token's entropy H under the reference model, dark above the cutoff"
     if math.isfinite(threshold):
-        legend += f"; <span style='color:#d9480f'>line</span>: the cutoff c = {threshold:g}"
-    if any(s.get("reward") is not None for v in views for s in v["segments"]):
+        legend += f"; <span style='color:#d9480f'>dashed line</span>: the cutoff c = {threshold:g}"
+        legend += " (a token above it closes its segment)"
+    rewarded = any(s.get("reward") is not None for v in views for s in v["segments"])
+    if rewarded:
         ends = [f"rgb{segment_rgb({'reward': r}, 0, 1)}" for r in (-1, 1)]
         grad = f"linear-gradient(to right,{ends[0]},#fff,{ends[1]})"
         ticks = "".join(f"<span>{t}</span>" for t in (f"{-scale:+.2f}", "0", f"{scale:+.2f}"))
@@ -93,9 +97,10 @@ def segments_html(views, threshold):
         legend = f"{scale_key}<div class=ticks>{ticks}</div></div><div>{legend}"
     legend = f"<div>{legend}</div>"  # one flex item per key
     columns = f"repeat({min(2, len(views))},minmax(0,1fr))"
+    title = "Segment-level rewards" if rewarded else "Entropy segments (no reward model)"
     return (
-        f"<!doctype html><html lang=en><meta charset=utf-8><title>segments, c = {threshold:g}"
-        f"</title><style>{css}</style><h1>Segment-level rewards</h1><div class=sub>entropy "
+        f"<!doctype html><html lang=en><meta charset=utf-8><title>{title}, c = {threshold:g}"
+        f"</title><style>{css}</style><h1>{title}</h1><div class=sub>entropy "
         f"cutoff c = {threshold:g}</div><div class=keys>{legend}</div><div class=views "
         f"style='grid-template-columns:{columns}'>{''.join(sections)}</div></html>\n"
     )
@@ -129,32 +134,49 @@ def view_html(view, scale, h_max, threshold):
     summary = f"{len(view['segments'])} segments" + (
         f", mean reward {sum(rewards) / len(rewards):+.2f}" if rewards else ""
     )
+    prompt = (
+        view.get("prompt")
+        and f"<div class=prompt><b>prompt</b> {html.escape(view['prompt'])}</div>"
+    )
     return (
-        f"<section class=view><h2>{html.escape(view['title'])}</h2><div class=sub>{summary}"
-        f"</div><div class=resp>{''.join(spans)}</div></section>"
+        f"<section class=view><h2>{html.escape(view['title'])}</h2>{prompt or ''}<div class=sub>"
+        f"{summary}</div><div class=resp>{''.join(spans)}</div></section>"
     )
 
 
-def plot_normalizer(path, positions, rewards, params):
+def plot_normalizer(path, positions, rewards, params, bins=20):
+    """Mean and std of the segment rewards in `bins` equal bins of p (a marker's area: how many
+    segments the bin holds), with the fitted lines. Bins, not each distinct p: a p that only a
+    rare answer reaches (3/25 of one cut into 25 segments) holds one or two segments, std 0, and
+    such points drew a second cloud that looked like a trend and was none."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     a_mu, a_sigma, b_mu, b_sigma = params
-    groups, index = torch.unique(torch.round(positions * 1000) / 1000, return_inverse=True)
-    mean = torch.stack([rewards[index == i].mean() for i in range(len(groups))])  # plotting only
-    std = torch.stack([rewards[index == i].std(correction=0) for i in range(len(groups))])
-    p = torch.linspace(groups.min().item(), 1, 200)
-    plt.figure(figsize=(6, 4))
-    plt.scatter(groups, mean, s=8, label="mean per position")
-    plt.scatter(groups, std, s=8, label="std per position")
-    plt.plot(p, a_mu * p.log() + b_mu, label="mu(p)")
-    plt.plot(p, a_sigma * p.log() + b_sigma, label="sigma(p)")
-    plt.xlabel("relative position p = k / K")
-    plt.legend()
-    plt.tight_layout()
-    plt.savefig(path)
+    index = (positions * bins).long().clamp(max=bins - 1)
+    count = torch.bincount(index, minlength=bins).float()
+    total = torch.zeros(bins).index_add_(0, index, rewards.float())
+    squares = torch.zeros(bins).index_add_(0, index, rewards.float() ** 2)
+    held = count > 0
+    mean = total[held] / count[held]
+    std = (squares[held] / count[held] - mean**2).clamp(min=0).sqrt()
+    centre = (torch.arange(bins)[held] + 0.5) / bins
+    size = 8 + 140 * count[held] / count.max()
+    p = torch.linspace(max(positions.min().item(), 1e-3), 1, 200)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.scatter(centre, mean, s=size, label="mean reward in a bin of p")
+    ax.scatter(centre, std, s=size, label="std in a bin of p")
+    ax.plot(p, a_mu * p.log() + b_mu, label=f"mu(p) = {a_mu:.2f} ln p + {b_mu:.2f}")
+    ax.plot(p, a_sigma * p.log() + b_sigma, label=f"sigma(p) = {a_sigma:.2f} ln p + {b_sigma:.2f}")
+    ax.set_xlabel("relative position p = k / K of a segment in its response")
+    ax.set_ylabel("segment reward (raw)")
+    ax.set_title(f"location-aware normalizer: {len(rewards)} segment rewards, marker area = count")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def gguf_folder(path, cache):

@@ -1,20 +1,26 @@
-"""The paper's Table 1 at toy scale: bandit, token and segment reward models, PPO against each.
+"""The paper's Table 1 at toy scale, across answer length: bandit, token and segment rewards.
 
-    python benchmarks/toy_ablation.py                  # 5 seeds, the defaults; ~1 h on 2 CPU cores
-    python benchmarks/toy_ablation.py --seeds 0 1 2 &  # or split the seeds over processes ...
-    python benchmarks/toy_ablation.py --seeds 3 4 &
-    python benchmarks/toy_ablation.py                  # ... then one run collects the table
-    python benchmarks/toy_ablation.py --seeds 0 --steps 20 --out runs/ablation-quick  # a look
+    python benchmarks/toy_ablation.py                          # all lengths, 5 seeds: CPU hours
+    OMP_NUM_THREADS=1 python benchmarks/toy_ablation.py --lengths long --seeds 0 1 2 &  # or split
+    OMP_NUM_THREADS=1 python benchmarks/toy_ablation.py --lengths long --seeds 3 4 &    # the runs
+    python benchmarks/toy_ablation.py --report                 # the table and plot of what is done
+    python benchmarks/toy_ablation.py --lengths short --seeds 0 --steps 20 --out runs/abl-quick
 
-For every seed, three reward models are trained from the same toy SFT model with that seed (entropy
-cutoff c = inf, 0 and 1.0; the training pairs follow the seed) and PPO runs against each with the
-same hyperparameters and seed. The held-out prompts and the pairs of the per-segment accuracy are
-the same for every seed and variant. Per variant it reports the final exact toy score on the
-held-out prompts (mean and 95% t-interval over seeds), the area under the learning curve (mean
-rollout toy score over all steps, per seed, then mean and interval), the steps the mean curve
-takes to reach 90% of the best variant's gain, and the reward models' pair and per-segment
-accuracy. A run already finished (its result.json exists) is not run again.
-Writes OUT/toy_ablation.json and OUT/toy_ablation.png (curves with 95% bands; needs matplotlib).
+Answer length is the toy's --toy-lists: `short` one list per answer (the quick start's task, ~17
+response tokens), `medium` three (~51), `long` eight (~135). Per length one SFT model (seed 0; 12
+epochs for the longer answers, 6 for the short) is trained; for every seed three reward models are
+trained from it with that seed (entropy cutoff c = inf, 0 and 1.0; the training pairs follow the
+seed) and PPO runs against each with the same hyperparameters and seed. The held-out prompts, and
+the pairs of the per-segment accuracy, are fixed per length: the same for every seed and variant.
+
+Each finished (length, variant, seed) leaves a small record in benchmarks/results/toy_ablation/
+(committed: runs resume across machines and sessions; a record present is not run again). Per
+length and variant the report gives the final exact toy score on the held-out prompts (mean and 95%
+t-interval over seeds), the area under the learning curve (mean rollout toy score over the steps),
+the steps the mean curve takes to reach 90% of the best variant's gain, the KL, the reward models'
+pair and per-segment accuracy and the critic's explained variance (mean over the last 20 steps).
+Writes OUT/toy_ablation.json (lengths[name] = response_tokens, results, curves) and
+OUT/toy_ablation.png (final score against answer length; curves at the longest length).
 """
 
 import argparse
@@ -28,6 +34,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import segment_rlhf as S  # noqa: E402
 
 VARIANTS = {"bandit": "inf", "token": "0", "segment": "1.0"}
+LENGTHS = {  # --toy-lists, and room for its prompts (<= 39 tokens) and answers (<= 156)
+    "short": ["--toy-lists", "1"],  # the defaults: --max-len 64, --max-prompt-len 32
+    "medium": ["--toy-lists", "3", "--max-len", "104", "--max-prompt-len", "24"],
+    "long": ["--toy-lists", "8", "--max-len", "224", "--max-prompt-len", "48"],
+}
+NEW_TOKENS = {"short": "24", "medium": "80", "long": "176"}  # ppo's --max-new-tokens
+SFT_EPOCHS = {"short": "6", "medium": "12", "long": "12"}  # 6 left long answers malformed
+RECORDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "toy_ablation")
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -45,40 +59,48 @@ def smooth(xs, k=9):
 
 
 def run_once(out_dir, argv):
-    """S.main(argv) unless out_dir/result.json says it already ran; its closing dict."""
+    """S.main(argv) into out_dir unless it finished there before; its closing dict."""
     done = os.path.join(out_dir, "result.json")
-    if not os.path.exists(done):
-        result = S.main([*argv, "--output-dir", out_dir, "--overwrite"])
-        with open(done, "w") as f:
-            json.dump(result, f)
-    return json.load(open(done))
+    if os.path.exists(done):
+        return json.load(open(done))
+    return S.main([*argv, "--output-dir", out_dir, "--overwrite"])
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--steps", type=int, default=S.PPOArgs.steps)
-    parser.add_argument("--out", default="runs/ablation")
-    args = parser.parse_args()
+def run_one(args, length, name, seed):
+    """One (length, variant, seed): its record, made now unless it is there."""
+    record = os.path.join(RECORDS, length, f"{name}-seed{seed}.json")
+    if os.path.exists(record):
+        return json.load(open(record))
+    out, shape = f"{args.out}/{length}", LENGTHS[length]
+    sft = run_once(f"{out}/sft", ["sft", *shape, "--epochs", SFT_EPOCHS[length]])["output_dir"]
+    rm_dir = f"{out}/rm-{name}-seed{seed}"
+    rm_args = ["train-rm", "--model", sft, "--entropy-threshold", VARIANTS[name], *shape]
+    rm = run_once(rm_dir, [*rm_args, "--seed", str(seed)])
+    ppo_dir = f"{out}/ppo-{name}-seed{seed}"
+    ppo_args = ["ppo", "--reward-model", rm_dir, "--seed", str(seed), "--steps", str(args.steps)]
+    ppo = run_once(ppo_dir, [*ppo_args, *shape, "--max-new-tokens", NEW_TOKENS[length]])
+    rows = [json.loads(line) for line in open(os.path.join(ppo_dir, "metrics.jsonl"))]
+    rows = [r for r in rows if "ppo/toy_score" in r]
+    keep = ("toy_score", "explained_variance", "response_length", "kl")
+    settings = json.load(open(os.path.join(ppo_dir, "args.json")))
+    rec = {
+        "ppo_settings": {k: v for k, v in settings.items() if k not in ("inputs", "output_dir")},
+        "rm": {k: rm.get(k) for k in ("eval_accuracy", "segment_accuracy")},
+        "ppo": {k: v for k, v in ppo.items() if k != "output_dir"},
+        "curves": {k: [round(r[f"ppo/{k}"], 4) for r in rows] for k in keep},
+    }
+    if args.steps == S.PPOArgs.steps:  # a record is the default run; a look is not kept
+        os.makedirs(os.path.dirname(record), exist_ok=True)
+        with open(record + ".tmp", "w") as f:
+            json.dump(rec, f, indent=1)
+        os.replace(record + ".tmp", record)
+    return rec
 
-    sft = S.toy_sft_model()
-    runs = {name: [] for name in VARIANTS}
-    for seed in args.seeds:
-        for name, threshold in VARIANTS.items():
-            rm_dir = f"{args.out}/rm-{name}-seed{seed}"
-            rm = run_once(
-                rm_dir,
-                ["train-rm", "--model", sft, "--entropy-threshold", threshold, "--seed", str(seed)],
-            )
-            ppo_dir = f"{args.out}/ppo-{name}-seed{seed}"
-            ppo = ["ppo", "--reward-model", rm_dir, "--seed", str(seed), "--steps", str(args.steps)]
-            final = run_once(ppo_dir, ppo)
-            rows = [json.loads(line) for line in open(os.path.join(ppo_dir, "metrics.jsonl"))]
-            curve = [r["ppo/toy_score"] for r in rows]
-            runs[name].append({**final, "rm": rm, "curve": curve})
 
+def summarize(runs):
+    """Per variant of one length: the figures of the table, from the seeds' records."""
     curves = {
-        name: [statistics.fmean(c) for c in zip(*(r["curve"] for r in rs))]
+        name: [statistics.fmean(c) for c in zip(*(r["curves"]["toy_score"] for r in rs))]
         for name, rs in runs.items()
     }
     smoothed = {name: smooth(c) for name, c in curves.items()}
@@ -86,12 +108,14 @@ def main():
     best_gain = max(max(c) for c in smoothed.values()) - start
     results = {}
     for name, rs in runs.items():
-        after = [r["toy_score_after"] for r in rs]
-        auc = [statistics.fmean(r["curve"]) for r in rs]
+        after = [r["ppo"]["toy_score_after"] for r in rs]
+        auc = [statistics.fmean(r["curves"]["toy_score"]) for r in rs]
         hit = [i + 1 for i, x in enumerate(smoothed[name]) if x >= start + 0.9 * best_gain]
-        seg_acc = [r["rm"].get("segment_accuracy") for r in rs]
+        seg_acc = [r["rm"]["segment_accuracy"] for r in rs]
+        ev = [statistics.fmean(r["curves"]["explained_variance"][-20:]) for r in rs]
         results[name] = {
-            "toy_score_before": statistics.fmean(r["toy_score_before"] for r in rs),
+            "seeds": len(rs),
+            "toy_score_before": statistics.fmean(r["ppo"]["toy_score_before"] for r in rs),
             "toy_score_after": interval(after)[0],
             "toy_score_after_ci95": interval(after)[1],
             "toy_score_after_per_seed": after,
@@ -100,29 +124,71 @@ def main():
             "steps_to_90pct": hit[0] if hit else None,
             "rm_accuracy": statistics.fmean(r["rm"]["eval_accuracy"] for r in rs),
             "rm_segment_accuracy": None if None in seg_acc else statistics.fmean(seg_acc),
-            "kl": statistics.fmean(r["kl"] for r in rs),
-            "flawed_rate_after": statistics.fmean(r["flawed_rate_after"] for r in rs),
+            "kl": statistics.fmean(r["ppo"]["kl"] for r in rs),
+            "explained_variance": statistics.fmean(ev),
+            "flawed_rate_after": statistics.fmean(r["ppo"]["flawed_rate_after"] for r in rs),
         }
+    return results, curves
 
-    print(
-        f"{'variant':8} {'RM acc':>6} {'seg acc':>7} {'before':>6} {'after (95% CI)':>16}"
-        f" {'AUC (95% CI)':>16} {'KL':>5} {'steps to 90%':>12}"
-    )
-    for name, r in results.items():
-        seg = "-" if r["rm_segment_accuracy"] is None else f"{r['rm_segment_accuracy']:.3f}"
-        print(
-            f"{name:8} {r['rm_accuracy']:6.3f} {seg:>7} {r['toy_score_before']:6.3f}"
-            f" {r['toy_score_after']:9.3f} ±{r['toy_score_after_ci95']:.3f}"
-            f" {r['auc']:9.3f} ±{r['auc_ci95']:.3f} {r['kl']:5.2f} {str(r['steps_to_90pct']):>12}"
-        )
-    summary = {"seeds": args.seeds, "steps": args.steps, "results": results, "curves": curves}
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", nargs="+", default=list(LENGTHS), choices=list(LENGTHS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--steps", type=int, default=S.PPOArgs.steps)
+    parser.add_argument("--out", default="runs/ablation")
+    parser.add_argument("--report", action="store_true", help="only tabulate the records there")
+    args = parser.parse_args()
+
+    summary, last = {"steps": args.steps, "lengths": {}}, None
+    for length in args.lengths:
+        runs = {name: [] for name in VARIANTS}
+        for seed in args.seeds:
+            for name in VARIANTS:
+                if not args.report:
+                    runs[name].append(run_one(args, length, name, seed))
+                elif os.path.exists(
+                    path := os.path.join(RECORDS, length, f"{name}-seed{seed}.json")
+                ):
+                    runs[name].append(json.load(open(path)))
+        if not all(runs.values()):
+            print(f"{length}: no finished seed of every variant yet")
+            continue
+        results, curves, last = *summarize(runs), runs
+        tokens = [r["curves"]["response_length"][0] for rs in runs.values() for r in rs]
+        summary["lengths"][length] = {
+            "response_tokens": round(statistics.fmean(tokens), 1),
+            "results": results,
+            "curves": curves,
+        }
+        print_table(length, summary["lengths"][length])
+    if not summary["lengths"]:
+        return
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "toy_ablation.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    plot(args.out, runs, len(args.seeds))
+    plot(args.out, summary["lengths"], last)
 
 
-def plot(out, runs, n_seeds):
-    """Smoothed rollout toy score per step: mean over seeds and its 95% band."""
+def print_table(length, row):
+    print(f"\n{length}: {row['response_tokens']} response tokens (the SFT policy's, mean)")
+    print(
+        f"{'variant':8} {'seeds':>5} {'RM acc':>6} {'seg acc':>7} {'before':>6}"
+        f" {'after (95% CI)':>16} {'AUC (95% CI)':>16} {'KL':>5} {'EV':>5} {'to 90%':>6}"
+    )
+    for name, r in row["results"].items():
+        seg = "-" if r["rm_segment_accuracy"] is None else f"{r['rm_segment_accuracy']:.3f}"
+        print(
+            f"{name:8} {r['seeds']:5} {r['rm_accuracy']:6.3f} {seg:>7} {r['toy_score_before']:6.3f}"
+            f" {r['toy_score_after']:9.3f} ±{r['toy_score_after_ci95']:.3f}"
+            f" {r['auc']:9.3f} ±{r['auc_ci95']:.3f} {r['kl']:5.2f} {r['explained_variance']:5.2f}"
+            f" {str(r['steps_to_90pct']):>6}"
+        )
+
+
+def plot(out, lengths, longest_runs):
+    """Left: final score against answer length, a line per variant with its 95% band. Right: the
+    learning curves at the longest length run (smoothed over 9 steps), mean of seeds, 95% band."""
     try:
         import matplotlib
 
@@ -131,22 +197,44 @@ def plot(out, runs, n_seeds):
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for name, rs in runs.items():
-        per_step = list(zip(*(smooth(r["curve"]) for r in rs)))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    tokens = [row["response_tokens"] for row in lengths.values()]
+    for name in VARIANTS:
+        mean = [row["results"][name]["toy_score_after"] for row in lengths.values()]
+        half = [row["results"][name]["toy_score_after_ci95"] for row in lengths.values()]
+        left.plot(tokens, mean, marker="o", label=name)
+        left.fill_between(
+            tokens,
+            [m - h for m, h in zip(mean, half)],
+            [m + h for m, h in zip(mean, half)],
+            alpha=0.2,
+        )
+        rs = longest_runs[name]
+        per_step = list(zip(*(smooth(r["curves"]["toy_score"]) for r in rs)))
         mean, half = zip(*(interval(list(xs)) for xs in per_step))
         steps = range(1, len(mean) + 1)
-        ax.plot(steps, mean, label=name)
-        ax.fill_between(
+        right.plot(steps, mean, label=name)
+        right.fill_between(
             steps,
             [m - h for m, h in zip(mean, half)],
             [m + h for m, h in zip(mean, half)],
             alpha=0.2,
         )
-    ax.set_xlabel("PPO step")
-    ax.set_ylabel("exact toy score of the rollouts")
-    ax.set_title(f"mean of {n_seeds} seeds (smoothed over 9 steps), 95% band")
-    ax.legend()
+    before = statistics.fmean(
+        row["results"]["bandit"]["toy_score_before"] for row in lengths.values()
+    )
+    left.axhline(before, color="gray", linestyle=":", label="SFT policy (mean)")
+    left.set_xscale("log")
+    left.set_xticks(tokens, [f"{t:.0f}\n{n}" for t, n in zip(tokens, lengths)])
+    left.set_xlabel("response tokens (mean, SFT policy)")
+    left.set_ylabel("exact toy score after PPO (held-out prompts)")
+    left.set_title("final score against answer length, 95% band over seeds")
+    longest = list(lengths)[-1]
+    right.set_xlabel("PPO step")
+    right.set_ylabel("exact toy score of the rollouts")
+    right.set_title(f"learning curves, {longest} answers (smoothed over 9 steps)")
+    for ax in (left, right):
+        ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "toy_ablation.png"), dpi=120)
     print(f"wrote {out}/toy_ablation.json and toy_ablation.png")
