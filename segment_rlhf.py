@@ -102,7 +102,7 @@ class Common:
     lora_alpha: float = arg(16.0, "LoRA scaling numerator")
     lora_targets: str = arg("all-linear", "modules that get adapters (peft target_modules)")
     preset: str = arg(
-        "", "look (the toy, 2 min) | phi3-mini | llama3-sft-8b | llama31-instruct-8b | smollm2-135m"
+        "", "look (the toy, 3 min) | phi3-mini | llama3-sft-8b | llama31-instruct-8b | smollm2-135m"
     )
     dry_run: bool = arg(False, "print the resolved configuration and exit")
     save_every: int = arg(0, "train-rm, ppo: checkpoint every N optimizer steps / iterations")
@@ -1116,7 +1116,7 @@ def sft_loader(args, tokenizer):
 # at N times the length: "Name 8 birds, 7 fruits and 6 tools." -> "Birds: ... Fruits: ... Tools:".
 
 TOY_SFT, TOY_RM, TOY_PPO = "runs/toy-sft", "runs/toy-rm", "runs/toy-ppo"
-LOOK_SFT, LOOK_RM = "runs/look-sft", "runs/look-rm"  # `ppo --preset look`: a two-minute look
+LOOK_SFT, LOOK_RM = "runs/look-sft", "runs/look-rm"  # `ppo --preset look`: a short look
 TOY_LOOK = {  # the same pipeline with fewer epochs and PPO steps
     "sft": {"epochs": 4, "output_dir": LOOK_SFT},
     "train-rm": {"epochs": 2, "model": LOOK_SFT, "output_dir": LOOK_RM},
@@ -1383,7 +1383,7 @@ def toy_model(path):
     seconds = time.perf_counter() - start
     if command == "sft":
         figures = f"loss {result['sft/loss']:.3f}"
-        rest = seconds * (QUICK_START_REST_LOOK if look else QUICK_START_REST)
+        rest = seconds * (2.2 if look else 3.9)  # reward model + PPO time / SFT time, measured
         figures += f"; at this speed the rest takes about {rest / 60:.0f} min"
     else:
         figures = f"pair accuracy {result['eval_accuracy']:.3f}"
@@ -1392,46 +1392,6 @@ def toy_model(path):
         figures += f" on {args.eval_size} held-out pairs (in {path}/result.json)"
     print(f"{command}: done in {seconds:.0f} s, {figures}", file=sys.stderr)
     return path
-
-
-# The quick start (`ppo` with no arguments, or `--preset look`) says what it does, stage by stage.
-QUICK_START = {
-    "sft": "SFT model (a 0.8M-parameter Llama learns to answer 'Name 7 fruits.')",
-    "train-rm": "segment reward model (trained on preference pairs, cut at entropy 1.0)",
-    "ppo": "policy (PPO against the segment rewards, {steps} steps)",
-}
-QUICK_START_REST, QUICK_START_REST_LOOK = 3.5, 3.0  # reward model + PPO time / SFT time, measured
-
-
-def quick_start_plan(args):
-    """The stages of a toy ppo run with the models it will build, before it starts."""
-    rm = args.reward_model
-    stages = [(TOY_SFT if rm == TOY_RM else LOOK_SFT, "sft"), (rm, "train-rm")]
-    todo = [(p, c) for p, c in stages if not os.path.isfile(os.path.join(p, "config.json"))]
-    todo.append((args.output_dir, "ppo"))
-    lines = [f"  {c:8} {p:14} {QUICK_START[c].format(steps=args.steps)}" for p, c in todo]
-    when = "about 2 min" if rm == LOOK_RM else "4 to 6 min"
-    head = f"the toy quick start: {len(lines)} stage(s), {when} on 2 CPU cores"
-    print("\n".join([head, *lines]), file=sys.stderr)
-
-
-def quick_start_summary(args, result, seconds):
-    """Where the models are, the score before and after, and what to look at next."""
-    sft_dir = TOY_SFT if args.reward_model == TOY_RM else LOOK_SFT
-    before, after = result["toy_score_before"], result["toy_score_after"]
-    flawed = f"{result['flawed_rate_before']:.0%} -> {result['flawed_rate_after']:.0%}"
-    took = f"done in {seconds / 60:.1f} min" if seconds else "done before"
-    lines = [
-        f"{took}. On {args.eval_prompts} held-out prompts:",
-        f"  exact toy score {before:.3f} -> {after:.3f} (1: every item of every answer right);"
-        f" answers with a flaw {flawed}",
-        f"  models: {sft_dir} (SFT), {args.reward_model} (reward model), {result['output_dir']}"
-        " (policy; metrics.jsonl: a row per PPO step)",
-        "  look at the segments and their rewards:"
-        f" python segment_rlhf.py segment --reward-model {args.reward_model} --html segments.html",
-        "  draw the learning curves and the normalizer: python benchmarks/make_figures.py",
-    ]
-    print("\n".join(lines), file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2708,9 +2668,14 @@ def main(argv=None):
             print(json.dumps(resolved, indent=1))
             return resolved
         quick = command == "ppo" and args.reward_model in (TOY_RM, LOOK_RM) and not args.dataset
+        look = quick and args.reward_model == LOOK_RM
+        sft_dir = LOOK_SFT if look else TOY_SFT
         finished = quick and not args.overwrite and os.path.isfile(f"{args.output_dir}/result.json")
-        if quick and not finished:
-            quick_start_plan(args)
+        if quick:
+            from benchmarks import extras
+
+            if not finished:
+                extras.quick_start_plan(args, sft_dir, look)
         start = time.perf_counter()
         run = {
             "sft": sft,
@@ -2722,7 +2687,8 @@ def main(argv=None):
         try:
             result = run[command](args)
             if quick and "toy_score_after" in result:
-                quick_start_summary(args, result, not finished and time.perf_counter() - start)
+                seconds = not finished and time.perf_counter() - start
+                extras.quick_start_summary(args, result, seconds, sft_dir)
         except BaseException as e:
             if RUN:  # the error line on a line of its own, not glued to a progress bar
                 print(file=sys.stderr)

@@ -1488,9 +1488,11 @@ def test_an_interrupt_that_torch_wraps_is_still_an_interrupt(wrapped, monkeypatc
 
 
 def readme_commands():
-    """The README's one-line commands that read the toy and train nothing (segment views, dry runs,
-    --help), as written, inline or in a bash block."""
-    text = open(os.path.join(os.path.dirname(S.__file__), "README.md")).read()
+    """The one-line commands of the README and docs/ that read the toy and train nothing (segment
+    views, dry runs, --help), as written, inline or in a bash block."""
+    root = os.path.dirname(S.__file__)
+    files = ["README.md", *(f"docs/{f}" for f in os.listdir(f"{root}/docs") if f.endswith(".md"))]
+    text = "\n".join(open(os.path.join(root, f)).read() for f in files)
     spans = re.findall(r"`(python segment_rlhf\.py [^`\n]+)`", text)
     lines = re.findall(r"^(python segment_rlhf\.py [^\\\n]+?)\s*(?:#.*)?$", text, re.M)
     quick = lambda c: "$" not in c and re.search(r" segment | --dry-run| --help", c + " ")  # noqa: E731

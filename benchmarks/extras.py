@@ -7,8 +7,9 @@ normalizer plot (`fit-norm --plot`, benchmarks/make_figures.py) and the GGUF con
   numbered table; segments_html: a self-contained page, each response with its segments shaded
   by reward (red below zero, green above) and a bar under every token for its entropy, the
   cutoff drawn across.
-- plot_normalizer: the segment rewards' mean and std in bins of position p = k / K with the
-  fitted location-aware lines mu(p) and sigma(p) (needs matplotlib).
+- plot_normalizer: the segment rewards' mean and std at each position p = k / K, as the fit sees
+  them, with the fitted location-aware lines mu(p) and sigma(p) (needs matplotlib).
+- quick_start_plan, quick_start_summary: what the quick start says before and after its run.
 - gguf_folder: a GGUF checkpoint as a plain transformers folder in the cache, converted once.
 """
 
@@ -144,39 +145,84 @@ def view_html(view, scale, h_max, threshold):
     )
 
 
-def plot_normalizer(path, positions, rewards, params, bins=20):
-    """Mean and std of the segment rewards in `bins` equal bins of p (a marker's area: how many
-    segments the bin holds), with the fitted lines. Bins, not each distinct p: a p that only a
-    rare answer reaches (3/25 of one cut into 25 segments) holds one or two segments, std 0, and
-    such points drew a second cloud that looked like a trend and was none."""
+def plot_normalizer(path, positions, rewards, params, common=20):
+    """What the fit sees: the mean and std of the segment rewards at each distinct position p
+    (rounded to 3 decimals, as fit_location_normalizer groups them), a marker's area growing with
+    the segments it holds, and the fitted lines. Positions held by fewer than `common` segments
+    are drawn apart: they come from the rare answers cut into many more segments than usual, and
+    they are as many points of the regression as the common positions (README: the normalizer)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     a_mu, a_sigma, b_mu, b_sigma = params
-    index = (positions * bins).long().clamp(max=bins - 1)
-    count = torch.bincount(index, minlength=bins).float()
-    total = torch.zeros(bins).index_add_(0, index, rewards.float())
-    squares = torch.zeros(bins).index_add_(0, index, rewards.float() ** 2)
-    held = count > 0
-    mean = total[held] / count[held]
-    std = (squares[held] / count[held] - mean**2).clamp(min=0).sqrt()
-    centre = (torch.arange(bins)[held] + 0.5) / bins
-    size = 8 + 140 * count[held] / count.max()
-    p = torch.linspace(max(positions.min().item(), 1e-3), 1, 200)
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.scatter(centre, mean, s=size, label="mean reward in a bin of p")
-    ax.scatter(centre, std, s=size, label="std in a bin of p")
-    ax.plot(p, a_mu * p.log() + b_mu, label=f"mu(p) = {a_mu:.2f} ln p + {b_mu:.2f}")
-    ax.plot(p, a_sigma * p.log() + b_sigma, label=f"sigma(p) = {a_sigma:.2f} ln p + {b_sigma:.2f}")
+    groups, index = torch.unique(torch.round(positions.double() * 1000) / 1000, return_inverse=True)
+    count = torch.bincount(index, minlength=len(groups)).double()
+    mean = torch.zeros_like(groups).index_add_(0, index, rewards.double()) / count
+    square = torch.zeros_like(groups).index_add_(0, index, rewards.double() ** 2) / count
+    std = (square - mean**2).clamp(min=0).sqrt()
+    size = 6 + 120 * (count / count.max()).sqrt()
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    for rare, name, alpha in (
+        (False, f">= {common} segments", 1.0),
+        (True, f"< {common} (rare)", 0.45),
+    ):
+        held = (count < common) if rare else (count >= common)
+        for values, colour, what in ((mean, "C0", "mean"), (std, "C1", "std")):
+            label = f"{what}, a p held by {name}"
+            ax.scatter(groups[held], values[held], s=size[held], c=colour, alpha=alpha, label=label)
+    p = torch.linspace(max(groups.min().item(), 1e-3), 1, 200)
+    ax.plot(p, a_mu * p.log() + b_mu, "C0", label=f"mu(p) = {a_mu:.2f} ln p {b_mu:+.2f}")
+    ax.plot(
+        p, a_sigma * p.log() + b_sigma, "C1", label=f"sigma(p) = {a_sigma:.2f} ln p {b_sigma:+.2f}"
+    )
     ax.set_xlabel("relative position p = k / K of a segment in its response")
-    ax.set_ylabel("segment reward (raw)")
-    ax.set_title(f"location-aware normalizer: {len(rewards)} segment rewards, marker area = count")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=9)
+    ax.set_ylabel("segment reward, raw")
+    ax.set_title(
+        f"Location-aware normalizer: {len(rewards)} segment rewards, {len(groups)} positions"
+    )
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+# The quick start (`ppo` with no arguments, or `--preset look`) says what it does, stage by stage.
+QUICK_START = {
+    "sft": "SFT model (a 0.8M-parameter Llama learns to answer 'Name 7 fruits.')",
+    "train-rm": "segment reward model (trained on preference pairs, cut at entropy 1.0)",
+    "ppo": "policy (PPO against the segment rewards, {steps} steps)",
+}
+
+
+def quick_start_plan(args, sft_dir, look):
+    """The stages of a toy ppo run with the models it will build, before it starts."""
+    stages = [(sft_dir, "sft"), (args.reward_model, "train-rm")]
+    todo = [(p, c) for p, c in stages if not os.path.isfile(os.path.join(p, "config.json"))]
+    todo.append((args.output_dir, "ppo"))
+    lines = [f"  {c:8} {p:14} {QUICK_START[c].format(steps=args.steps)}" for p, c in todo]
+    when = "2 to 3 min" if look else "4 to 6 min"
+    head = f"the toy quick start: {len(lines)} stage(s), {when} on 2 CPU cores"
+    print("\n".join([head, *lines]), file=sys.stderr)
+
+
+def quick_start_summary(args, result, seconds, sft_dir):
+    """Where the models are, the score before and after, and what to look at next."""
+    before, after = result["toy_score_before"], result["toy_score_after"]
+    flawed = f"{result['flawed_rate_before']:.0%} -> {result['flawed_rate_after']:.0%}"
+    took = f"done in {seconds / 60:.1f} min" if seconds else "done before"
+    lines = [
+        f"{took}. On {args.eval_prompts} held-out prompts:",
+        f"  exact toy score {before:.3f} -> {after:.3f} (1: every item of every answer right);"
+        f" answers with a flaw {flawed}",
+        f"  models: {sft_dir} (SFT), {args.reward_model} (reward model), {result['output_dir']}"
+        " (policy; metrics.jsonl: a row per PPO step)",
+        "  look at the segments and their rewards:"
+        f" python segment_rlhf.py segment --reward-model {args.reward_model} --html segments.html",
+        "  draw the learning curves and the normalizer: python benchmarks/make_figures.py",
+    ]
+    print("\n".join(lines), file=sys.stderr)
 
 
 def gguf_folder(path, cache):

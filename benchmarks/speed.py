@@ -1,6 +1,6 @@
 """Speed: does segment-level RLHF cost more than the bandit baseline, and is our segmentation fast?
 
-    # CPU, ~5 min on 2 cores (+1 min for the toy SFT model once)
+    # CPU, ~5 min on 2 cores (on the quick start's runs/toy-sft; built first if missing)
     python benchmarks/speed.py
     # on a GPU
     python benchmarks/speed.py --device cuda
@@ -161,7 +161,7 @@ def row_rm(args, name):
         [
             "train-rm",
             "--model",
-            os.path.join(args.work, "sft"),
+            S.TOY_SFT,
             "--epochs",
             str(args.epochs),
             "--output-dir",
@@ -187,7 +187,7 @@ def row_trl(args, name):
     except ImportError as e:
         return {"na": f"trl not installed: {e}"}
 
-    sft, rm_args, times = os.path.join(args.work, "sft"), S.RMArgs(epochs=args.epochs), []
+    sft, rm_args, times = S.TOY_SFT, S.RMArgs(epochs=args.epochs), []
     tokenizer = S.load_tokenizer(sft)
     # The pairs and train split of our train-rm, tokenized by our pipeline: the same ids TRL's own
     # chat-template tokenization gives these rows (checked), and only our encoded pairs give our
@@ -434,11 +434,7 @@ def main():
     parser.add_argument(
         "--ppo-steps", type=int, default=0, help="PPO iterations per variant (default 10, quick 3)"
     )
-    parser.add_argument(
-        "--work",
-        default="runs/bench",
-        help="toy SFT model (built once: delete it to rebuild), runs, logs",
-    )
+    parser.add_argument("--work", default="runs/bench", help="the runs and logs of the rows")
     parser.add_argument("--out", default="runs/bench/speed.json", help="the table as JSON")
     parser.add_argument(
         "--row", choices=list(ROWS), help=argparse.SUPPRESS
@@ -462,8 +458,7 @@ def main():
         return
 
     os.makedirs(args.work, exist_ok=True)
-    if not os.path.exists(os.path.join(args.work, "sft", "config.json")):
-        S.main(["sft", "--output-dir", os.path.join(args.work, "sft"), "--overwrite"])
+    S.toy_model(S.TOY_SFT)  # the quick start's SFT model, built first where there is none
     results = {name: run_row(args, name) for name in ROWS}
     rows, notes = report(args, results)
     command = "python " + shlex.join(sys.argv)
