@@ -1383,7 +1383,7 @@ def toy_model(path):
     seconds = time.perf_counter() - start
     if command == "sft":
         figures = f"loss {result['sft/loss']:.3f}"
-        rest = seconds * (2.2 if look else 3.9)  # reward model + PPO time / SFT time, measured
+        rest = seconds * (2.6 if look else 3.9)  # reward model + PPO time / SFT time, measured
         figures += f"; at this speed the rest takes about {rest / 60:.0f} min"
     else:
         figures = f"pair accuracy {result['eval_accuracy']:.3f}"

@@ -376,12 +376,13 @@ def test_toy_segment_accuracy_reads_items_across_lists(monkeypatch):
 
 def test_a_short_reward_model_run_on_long_answers_beats_chance(toy, tmp_path):
     """Eight lists an answer (~135 tokens, the ablation's long answers): the pairs, the lengths
-    that hold them and a reward model trained on them for four epochs from the toy SFT model."""
-    data = write_rows(tmp_path / "pairs.jsonl", S.toy_preference_rows(320, seed=3, lists=8))
+    that hold them and a reward model trained on them for two epochs from the toy SFT model."""
+    data = write_rows(tmp_path / "pairs.jsonl", S.toy_preference_rows(160, seed=3, lists=8))
     argv = ["train-rm", "--model", toy["sft"], "--dataset", data, "--toy-lists", "8"]
-    argv += ["--max-len", "224", "--max-prompt-len", "48", "--epochs", "4", "--eval-size", "64"]
+    argv += ["--max-len", "224", "--max-prompt-len", "48", "--eval-size", "64", "--epochs", "2"]
+    argv += ["--batch-size", "16", "--lr", "2e-3"]
     result = S.main([*argv, "--output-dir", str(tmp_path / "rm")])
-    assert result["eval_accuracy"] > 0.6, result  # 0.5: chance; 0.70 here
+    assert result["eval_accuracy"] > 0.6, result  # 0.5: chance; 0.70 on the build machine
     assert result["segment/per_response"] > 40  # an item a segment, over all eight lists
 
 
