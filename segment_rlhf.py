@@ -102,7 +102,7 @@ class Common:
     lora_alpha: float = arg(16.0, "LoRA scaling numerator")
     lora_targets: str = arg("all-linear", "modules that get adapters (peft target_modules)")
     preset: str = arg(
-        "", "look (the toy, 3 min) | phi3-mini | llama3-sft-8b | llama31-instruct-8b | smollm2-135m"
+        "", "look (the toy, 2 min) | phi3-mini | llama3-sft-8b | llama31-instruct-8b | smollm2-135m"
     )
     dry_run: bool = arg(False, "print the resolved configuration and exit")
     save_every: int = arg(0, "train-rm, ppo: checkpoint every N optimizer steps / iterations")
@@ -1116,12 +1116,12 @@ def sft_loader(args, tokenizer):
 # at N times the length: "Name 8 birds, 7 fruits and 6 tools." -> "Birds: ... Fruits: ... Tools:".
 
 TOY_SFT, TOY_RM, TOY_PPO = "runs/toy-sft", "runs/toy-rm", "runs/toy-ppo"
-LOOK_SFT, LOOK_RM = "runs/look-sft", "runs/look-rm"  # `ppo --preset look`: a short look
+LOOK_SFT, LOOK_RM = "runs/look-sft", "runs/look-rm"  # `ppo --preset look`: a two-minute look
 TOY_LOOK = {  # the same pipeline with fewer epochs and PPO steps
     "sft": {"epochs": 4, "output_dir": LOOK_SFT},
-    "train-rm": {"epochs": 2, "model": LOOK_SFT, "output_dir": LOOK_RM},
+    "train-rm": {"epochs": 1, "model": LOOK_SFT, "output_dir": LOOK_RM},
     "fit-norm": {"reward_model": LOOK_RM},
-    "ppo": {"steps": 40, "reward_model": LOOK_RM, "output_dir": "runs/look-ppo"},
+    "ppo": {"steps": 30, "reward_model": LOOK_RM, "output_dir": "runs/look-ppo"},
 }
 CATEGORIES = {  # six categories of 9-10 items, each one BPE token
     "fruits": "apple cherry fig grape kiwi lemon mango melon pear plum".split(),
@@ -1383,7 +1383,7 @@ def toy_model(path):
     seconds = time.perf_counter() - start
     if command == "sft":
         figures = f"loss {result['sft/loss']:.3f}"
-        rest = seconds * (2.6 if look else 3.9)  # reward model + PPO time / SFT time, measured
+        rest = seconds * (1.6 if look else 3.9)  # reward model + PPO time / SFT time, measured
         figures += f"; at this speed the rest takes about {rest / 60:.0f} min"
     else:
         figures = f"pair accuracy {result['eval_accuracy']:.3f}"

@@ -1518,6 +1518,32 @@ def test_readme_short_commands_run_as_written(toy, tmp_path, monkeypatch, capsys
         assert "error" not in capsys.readouterr().err, command
 
 
+def test_the_look_preset_is_the_quick_start_smaller_and_says_its_plan(
+    tmp_path, monkeypatch, capsys
+):
+    """--preset look chains sft -> train-rm -> ppo through runs/look-*, and the plan lists the
+    stages still to build (after one is there, only the rest)."""
+    from benchmarks import extras
+
+    _, rm = S.parse_args(["train-rm", "--preset", "look"])
+    assert (rm.epochs, rm.model, rm.output_dir) == (1, S.LOOK_SFT, S.LOOK_RM)
+    ppo = S.main(["ppo", "--preset", "look", "--dry-run"])
+    assert (ppo["steps"], ppo["reward_model"], ppo["output_dir"]) == (
+        30,
+        S.LOOK_RM,
+        "runs/look-ppo",
+    )
+    monkeypatch.chdir(tmp_path)
+    args = S.resolve("ppo", S.parse_args(["ppo", "--preset", "look"])[1])
+    extras.quick_start_plan(args, S.LOOK_SFT, look=True)
+    (tmp_path / S.LOOK_SFT).mkdir(parents=True)
+    (tmp_path / S.LOOK_SFT / "config.json").write_text("{}")
+    extras.quick_start_plan(args, S.LOOK_SFT, look=True)
+    first, second = capsys.readouterr().err.split("the toy quick start: ")[1:]
+    assert first.startswith("3 stage(s), about 2 min") and "runs/look-sft" in first
+    assert second.startswith("2 stage(s)") and "runs/look-sft" not in second
+
+
 # --- paper presets --------------------------------------------------------------------------------
 
 
