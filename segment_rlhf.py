@@ -535,7 +535,7 @@ def train_rm(args):
         log_metrics(args, accelerator, metrics)
         if accelerator.is_main_process:
             bar.write(json.dumps(metrics))
-    save_reward_model(args, accelerator, model, tokenizer, model_path, split["train"], eval_loader)
+    save_reward_model(args, accelerator, model, tokenizer, model_path, split)
     result = {
         "eval_accuracy": round(metrics["rm/accuracy"], 4),
         "rm/loss": round(metrics["rm/loss"], 4),
@@ -642,24 +642,34 @@ def normalizer_settings(positions, rewards, scores, responses):
     }
 
 
-def save_reward_model(args, accelerator, model, tokenizer, model_path, train_ds, eval_loader):
-    """Fit the location-aware normalizer on (a sample of) the training responses and take the
-    bandit's mean and std on the held-out split, as the authors do; save model and settings."""
-    n = min(args.norm_samples or len(train_ds), len(train_ds))
-    collate = pair_collate(tokenizer.pad_token_id, math.isinf(args.entropy_threshold))
+def fit_normalizer(args, accelerator, model, pad_id, threshold, split):
+    """The location-aware normalizer from (the first --norm-samples of) the training pairs, the
+    bandit's mean and std from the held-out ones, as the authors fit them; and the positions and
+    rewards it was fitted on. train-rm and fit-norm both fit this way, on the same split."""
+    n = min(args.norm_samples or len(split["train"]), len(split["train"]))
+    collate = pair_collate(pad_id, math.isinf(threshold))
     batch = args.batch_size // args.grad_accum
-    loader = torch.utils.data.DataLoader(train_ds.select(range(n)), batch, collate_fn=collate)
-    loader = accelerator.prepare(loader)
-    positions, rewards, _ = collect_segment_rewards(
-        model, loader, args.entropy_threshold, accelerator
-    )
-    scores = collect_segment_rewards(model, eval_loader, args.entropy_threshold, accelerator)[2]
+
+    def collect(ds):
+        loader = accelerator.prepare(torch.utils.data.DataLoader(ds, batch, collate_fn=collate))
+        return collect_segment_rewards(model, loader, threshold, accelerator)
+
+    positions, rewards, _ = collect(split["train"].select(range(n)))
+    scores = collect(split["test"])[2]
+    return normalizer_settings(positions, rewards, scores, 2 * n), positions, rewards
+
+
+def save_reward_model(args, accelerator, model, tokenizer, model_path, split):
+    """Fit the normalizer, then save the model and its settings."""
+    fitted = fit_normalizer(
+        args, accelerator, model, tokenizer.pad_token_id, args.entropy_threshold, split
+    )[0]
     save_model(accelerator, model, tokenizer, args.output_dir)
     settings = {
         "entropy_threshold": args.entropy_threshold,
         "reference_model": model_path,
         "end_token": args.end_token or tokenizer.eos_token,
-        **normalizer_settings(positions, rewards, scores, 2 * n),
+        **fitted,
     }
     if accelerator.is_main_process:
         write_rm_settings(args.output_dir, settings)
@@ -688,7 +698,6 @@ def fit_norm(args):
     # the training pairs, the bandit's mean / std from the held-out ones, as train-rm fits them.
     split = ds.train_test_split(test_size=args.eval_size, seed=args.seed)
     n = min(args.norm_samples or len(split["train"]), len(split["train"]))
-    ds = datasets.concatenate_datasets([split["train"].select(range(n)), split["test"]])
     print(
         f"fit-norm: the normalizer from {n} training pairs, the mean / std from {args.eval_size}"
         f" held-out pairs (split as train-rm's with --eval-size {args.eval_size}, --seed"
@@ -699,18 +708,14 @@ def fit_norm(args):
     inputs = [ref_path, args.dataset] + ([] if in_place else [args.reward_model])
     if done := start_run(args, "fit-norm", accelerator, inputs, in_place):
         return done
-    if not math.isinf(threshold):  # entropies of just these pairs, in one pass
+    if not math.isinf(threshold):  # entropies of just the pairs fitted on, in one pass
+        ds = datasets.concatenate_datasets([split["train"].select(range(n)), split["test"]])
         ds = add_entropies(ds, args, accelerator, ref_path, tokenizer)
-    collate = pair_collate(tokenizer.pad_token_id, math.isinf(threshold))
+        split = {"train": ds.select(range(n)), "test": ds.select(range(n, len(ds)))}
     model = model.to(accelerator.device)
-    collected = []
-    for part in (range(n), range(n, len(ds))):
-        loader = torch.utils.data.DataLoader(ds.select(part), args.batch_size, collate_fn=collate)
-        collected.append(
-            collect_segment_rewards(model, accelerator.prepare(loader), threshold, accelerator)
-        )
-    (positions, rewards, _), scores = collected[0], collected[1][2]
-    fitted = normalizer_settings(positions, rewards, scores, 2 * n)
+    fitted, positions, rewards = fit_normalizer(
+        args, accelerator, model, tokenizer.pad_token_id, threshold, split
+    )
     if not all(math.isfinite(v) for v in [*fitted["normalizer"], fitted["mean"], fitted["std"]]):
         fail(f"the fit on {2 * n} responses is not finite; pass a larger --norm-samples")
     settings.update(fitted, reference_model=ref_path)
@@ -1207,7 +1212,7 @@ def toy_read(prompt, response):
     asks = re.findall(r"(\d+) (\w+)", named.group(1)) if named else []
     if not asks or [m.group(1) for m in heads] != [c.capitalize() for _, c in asks]:
         return None
-    if heads[0].start() > 0:
+    if heads[0].start() > 0:  # text before the first header
         return None
     ends = [m.start() for m in heads[1:]] + [len(response)]
     read = []
