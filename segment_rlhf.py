@@ -55,6 +55,7 @@ from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
@@ -94,16 +95,12 @@ class Common:
     grad_accum: int = arg(1, "gradient accumulation steps per optimizer step")
     warmup_ratio: float = arg(0.03, "linear warm-up, as a fraction of all steps")
     bf16: bool = arg(False, "bf16 mixed precision")
-    overwrite: bool = arg(
-        False, "replace a finished run in --output-dir (once the new one is done)"
-    )
+    overwrite: bool = arg(False, "replace a finished run in --output-dir once the new one is done")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward: less memory")
     lora_rank: int = arg(0, "LoRA rank (peft) of the trained models; 0: full fine-tuning")
     lora_alpha: float = arg(16.0, "LoRA scaling numerator")
     lora_targets: str = arg("all-linear", "modules that get adapters (peft target_modules)")
-    preset: str = arg(
-        "", "look (the toy, 2 min) | phi3-mini | llama3-sft-8b | llama31-instruct-8b | smollm2-135m"
-    )
+    preset: str = arg("", "look | phi3-mini | llama3-sft-8b | llama31-instruct-8b | smollm2-135m")
     dry_run: bool = arg(False, "print the resolved configuration and exit")
     save_every: int = arg(0, "train-rm, ppo: checkpoint every N optimizer steps / iterations")
     resume: bool = arg(False, "train-rm, ppo: continue from the newest checkpoint")
@@ -483,8 +480,6 @@ def train_rm(args):
     model_path = model_folder(toy_model(args.model or TOY_SFT))
     tokenizer = load_tokenizer(model_path)
     ds = rm_pairs(args, tokenizer)
-    if not 0 < args.eval_size < len(ds):
-        fail(f"--eval-size {args.eval_size} must be between 1 and the {len(ds)} usable pairs - 1")
     if done := start_run(args, "train-rm", accelerator, [model_path, args.dataset]):
         return done
     model, optimizer, scheduler, train_loader, eval_loader, split = rm_setup(
@@ -495,12 +490,8 @@ def train_rm(args):
     state = (load_checkpoint(accelerator, args) if args.resume else None) or fresh
     step, per_epoch = state["step"], len(train_loader)
     done_before = state["epoch"] * per_epoch + state["batch"]
-    bar = tqdm(
-        total=args.epochs * per_epoch,
-        initial=done_before,
-        desc="train-rm",
-        disable=not accelerator.is_local_main_process,
-    )
+    quiet = not accelerator.is_local_main_process
+    bar = tqdm(total=args.epochs * per_epoch, initial=done_before, desc="train-rm", disable=quiet)
     model.train()
     for epoch in range(state["epoch"], args.epochs):
         done = state["batch"] if epoch == state["epoch"] else 0
@@ -554,10 +545,9 @@ def rm_setup(args, accelerator, model_path, tokenizer, ds):
     collate = pair_collate(tokenizer.pad_token_id, bandit)
     batch = args.batch_size // args.grad_accum
     # The loader gets its own generator, not the global RNG (see ppo_setup).
-    train_loader = torch.utils.data.DataLoader(
-        split["train"], batch, shuffle=True, collate_fn=collate, generator=torch.Generator()
-    )
-    eval_loader = torch.utils.data.DataLoader(split["test"], batch, collate_fn=collate)
+    shuffled = dict(shuffle=True, generator=torch.Generator())
+    train_loader = DataLoader(split["train"], batch, collate_fn=collate, **shuffled)
+    eval_loader = DataLoader(split["test"], batch, collate_fn=collate)
     set_seed(args.seed)  # the head's random init must not depend on what ran before in the process
     model = load_model(model_path, "value", args.bf16 and args.lora_rank > 0)
     model = trainable(init_head(model, args.head_init), args, "value")
@@ -632,7 +622,7 @@ def collect_segment_rewards(model, loader, threshold, accelerator):
 def normalizer_settings(positions, rewards, scores, responses):
     """What PPO needs to normalize: the location-aware fit, and the scalar mean / std (bandit)."""
     if responses < 1000:
-        print(f"warning: the normalizer rests on only {responses} responses", file=sys.stderr)
+        say(f"warning: the normalizer rests on only {responses} responses")
     return {
         "normalizer": list(fit_location_normalizer(positions, rewards)),
         "min_position": positions.min().item(),
@@ -651,7 +641,7 @@ def fit_normalizer(args, accelerator, model, pad_id, threshold, split):
     batch = args.batch_size // args.grad_accum
 
     def collect(ds):
-        loader = accelerator.prepare(torch.utils.data.DataLoader(ds, batch, collate_fn=collate))
+        loader = accelerator.prepare(DataLoader(ds, batch, collate_fn=collate))
         return collect_segment_rewards(model, loader, threshold, accelerator)
 
     positions, rewards, _ = collect(split["train"].select(range(n)))
@@ -692,17 +682,14 @@ def fit_norm(args):
         import matplotlib  # noqa: F401
     args.end_token = args.end_token or settings["end_token"]
     ds = rm_pairs(args, tokenizer)
-    if not 0 < args.eval_size < len(ds):
-        fail(f"--eval-size {args.eval_size} must be between 1 and the {len(ds)} usable pairs - 1")
     # train-rm's split (the same --eval-size and --seed give the same pairs): the normalizer from
     # the training pairs, the bandit's mean / std from the held-out ones, as train-rm fits them.
     split = ds.train_test_split(test_size=args.eval_size, seed=args.seed)
     n = min(args.norm_samples or len(split["train"]), len(split["train"]))
-    print(
+    say(
         f"fit-norm: the normalizer from {n} training pairs, the mean / std from {args.eval_size}"
         f" held-out pairs (split as train-rm's with --eval-size {args.eval_size}, --seed"
-        f" {args.seed})",
-        file=sys.stderr,
+        f" {args.seed})"
     )
     in_place = os.path.realpath(args.output_dir) == os.path.realpath(args.reward_model)
     inputs = [ref_path, args.dataset] + ([] if in_place else [args.reward_model])
@@ -752,22 +739,16 @@ def ppo(args):
     if state is None:
         state = {"step": 0, "before": evaluate_policy(models, eval_loader, args, settings)}
     before, metrics = state["before"], state.get("metrics", {})
-    bar = tqdm(
-        range(state["step"], args.steps), desc="ppo", disable=not accelerator.is_local_main_process
-    )
-    for step in bar:
+    quiet = not accelerator.is_local_main_process
+    batches = prompt_batches(accelerator, loader, state["step"], args.steps)
+    bar = tqdm(batches, total=args.steps - state["step"], desc="ppo", disable=quiet)
+    for step, batch in bar:
         start = time.perf_counter()
-        epoch, i = divmod(step, len(loader))  # a pass over the prompts is an epoch of the loader
-        if i == 0 or step == state["step"]:
-            loader.set_epoch(epoch)
-            batches = iter(accelerator.skip_first_batches(loader, i) if i else loader)
-        batch = next(batches)
         # 1. Rollout: sample, then score: old log-probs, values, rewards, KL, advantages.
         policy.eval()
         critic.eval()
-        prompts = zip(
-            *(batch[k].split(args.rollout_chunk) for k in ("input_ids", "attention_mask"))
-        )
+        chunk = args.rollout_chunk  # prompts generated and scored at once
+        prompts = zip(batch["input_ids"].split(chunk), batch["attention_mask"].split(chunk))
         chunks = [rollout(models, ids, mask, args, settings) for ids, mask in prompts]
         data = {k: cat_padded([chunk[k] for chunk in chunks]) for k in chunks[0]}
         check_finite(accelerator, data["dense"], "reward", step + 1)
@@ -785,30 +766,35 @@ def ppo(args):
         sched_c.step()
         # 3. Log: rollout statistics, losses and diagnostics, a sample now and then.
         metrics = ppo_metrics(accelerator, tokenizer, data, stats, batch["prompt_text"], args)
-        log_metrics(
-            args,
-            accelerator,
-            {"step": step + 1, **metrics, "time/step_s": time.perf_counter() - start},
-        )
+        row = {"step": step + 1, **metrics, "time/step_s": time.perf_counter() - start}
+        log_metrics(args, accelerator, row)
         bar.set_postfix(reward=f"{metrics['ppo/reward']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
         if accelerator.is_main_process and (step + 1) % max(1, args.steps // 4) == 0:
             bar.write(sample_table(tokenizer, data, 0))
         if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(
-                accelerator, args, {"step": step + 1, "before": before, "metrics": metrics}
-            )
+            where = {"step": step + 1, "before": before, "metrics": metrics}
+            save_checkpoint(accelerator, args, where)
     after = evaluate_policy(models, eval_loader, args, settings)
     save_model(accelerator, policy, tokenizer, args.output_dir)
+    keys = ("reward",) if args.dataset else ("reward", "toy_score", "flawed_rate")
     result = {
-        "reward_before": round(before["reward"], 4),
-        "reward_after": round(after["reward"], 4),
+        f"{k}_{when}": round(d[k], 4)
+        for k in keys
+        for when, d in (("before", before), ("after", after))
     }
-    if not args.dataset:
-        for key in ("toy_score", "flawed_rate"):
-            result[f"{key}_before"] = round(before[key], 4)
-            result[f"{key}_after"] = round(after[key], 4)
     result.update(kl=round(metrics["ppo/kl"], 4), reward_mode=args.reward_mode)
     return finish_run(args, accelerator, {**result, "output_dir": RUN["given"]})
+
+
+def prompt_batches(accelerator, loader, first, steps):
+    """(step, prompt batch) for steps first .. steps - 1. A pass over the prompts is an epoch of
+    the loader, its order set by the epoch; a resumed run skips what its epoch has done."""
+    for step in range(first, steps):
+        epoch, i = divmod(step, len(loader))
+        if i == 0 or step == first:
+            loader.set_epoch(epoch)
+            batches = iter(accelerator.skip_first_batches(loader, i) if i else loader)
+        yield step, next(batches)
 
 
 @torch.no_grad()
@@ -833,14 +819,7 @@ def generate(policy, prompt_ids, prompt_mask, args, stop_ids, pad_id):
     mask = (is_stop.long().cumsum(-1) - is_stop.long()) == 0
     attn = torch.cat([prompt_mask, mask.long()], 1)
     stop, stopped = is_stop & mask, is_stop.any(-1)
-    return {
-        "seq": out,
-        "attn": attn,
-        "response": response,
-        "mask": mask,
-        "stop": stop,
-        "stopped": stopped,
-    }
+    return dict(seq=out, attn=attn, response=response, mask=mask, stop=stop, stopped=stopped)
 
 
 @torch.no_grad()
@@ -870,29 +849,15 @@ def rollout(models, prompt_ids, prompt_mask, args, settings):
         rm_values, entropy, old_logprobs, ref_logprobs, sample, args, settings
     )
     advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
-    return {
-        **sample,
-        "mask": mask.float(),
-        "old_logprobs": old_logprobs,
-        "values": values,
-        "advantages": advantages,
-        "returns": returns,
-        "score": score,
-        "kl": kl.sum(-1),
-        "ends": ends,
-        "dense": dense,
-        "stopped": sample["stopped"].float(),
-    }
+    floats = dict(mask=mask.float(), stopped=sample["stopped"].float(), kl=kl.sum(-1))
+    learn = dict(old_logprobs=old_logprobs, values=values, advantages=advantages, returns=returns)
+    return {**sample, **floats, **learn, "ends": ends, "dense": dense, "score": score}
 
 
 def ppo_update(models, mini, optimizers, args, step):
     """One clipped policy step and one clipped value step on a mini-batch; their statistics."""
-    policy, critic, accelerator, mask = (
-        models.policy,
-        models.critic,
-        models.accelerator,
-        mini["mask"],
-    )
+    policy, critic, accelerator = models.policy, models.critic, models.accelerator
+    mask = mini["mask"]
     P = mini["seq"].shape[1] - mini["response"].shape[1]
     with accelerator.accumulate(policy, critic):
         logits = forward(policy, mini["seq"], mini["attn"]).logits[:, P - 1 : -1]
@@ -941,8 +906,7 @@ def ppo_metrics(accelerator, tokenizer, data, stats, prompts, args):
         "ppo/explained_variance": 1 - residual / masked_var(data["returns"], mask).clamp(min=1e-8),
     }
     if not args.dataset:  # the exact checker exists for the toy task only
-        texts = decode_responses(tokenizer, data["response"], mask, data["stop"])
-        toy = [toy_score(p, t) for p, t in zip(prompts, texts)]
+        toy = toy_scores(tokenizer, prompts, data)
         m["ppo/toy_score"] = torch.tensor(sum(toy) / len(toy), device=mask.device)
     return {**reduce_dict(accelerator, m, "mean"), "processes": accelerator.num_processes}
 
@@ -959,10 +923,7 @@ def evaluate_policy(models, eval_loader, args, settings):
         rm_values, entropy, ref_logprobs = score_responses(models, sample, args)
         out = token_rewards(rm_values, entropy, ref_logprobs, ref_logprobs, sample, args, settings)
         scores.append(accelerator.gather_for_metrics(out[-1]))
-        texts = decode_responses(
-            models.tokenizer, sample["response"], sample["mask"], sample["stop"]
-        )
-        toy += [toy_score(p, t) for p, t in zip(batch["prompt_text"], texts)]
+        toy += toy_scores(models.tokenizer, batch["prompt_text"], sample)
     result = {"reward": torch.cat(scores).mean().item()}
     if not args.dataset:
         toy = torch.tensor(accelerator.gather_for_metrics(toy), dtype=torch.float)
@@ -986,15 +947,9 @@ def ppo_data(args):
 
     # The loaders get their own generator: drawing from the global RNG that sampling uses would
     # make a resumed run sample differently from an uninterrupted one. The order is set per epoch.
-    loader = torch.utils.data.DataLoader(
-        train_ds,
-        args.batch_size,
-        shuffle=True,
-        drop_last=True,
-        collate_fn=collate,
-        generator=torch.Generator(),
-    )
-    eval_loader = torch.utils.data.DataLoader(eval_ds, args.rollout_chunk, collate_fn=collate)
+    shuffled = dict(shuffle=True, drop_last=True, generator=torch.Generator())
+    loader = DataLoader(train_ds, args.batch_size, collate_fn=collate, **shuffled)
+    eval_loader = DataLoader(eval_ds, args.rollout_chunk, collate_fn=collate)
     loader, eval_loader = accelerator.prepare(loader, eval_loader)
     return accelerator, tokenizer, settings, loader, eval_loader
 
@@ -1059,9 +1014,8 @@ def sft(args):
     if done := start_run(args, "sft", accelerator, [args.model, args.dataset]):
         return done
     model.train()
-    bar = tqdm(
-        total=args.epochs * len(loader), desc="sft", disable=not accelerator.is_local_main_process
-    )
+    quiet = not accelerator.is_local_main_process
+    bar = tqdm(total=args.epochs * len(loader), desc="sft", disable=quiet)
     for epoch in range(args.epochs):
         for batch in loader:
             with accelerator.accumulate(model):
@@ -1110,7 +1064,7 @@ def sft_loader(args, tokenizer):
 
     ds = ds.map(encode_row, with_indices=True, remove_columns=ds.column_names)
     batch = args.batch_size // args.grad_accum
-    return torch.utils.data.DataLoader(ds, batch, shuffle=True, collate_fn=collate)
+    return DataLoader(ds, batch, shuffle=True, collate_fn=collate)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1290,8 +1244,7 @@ def toy_rm_report(args, accelerator, model_path, tokenizer):
     if args.dataset or not accelerator.is_main_process:
         return {}
     if math.isinf(args.entropy_threshold):
-        msg = "segment_accuracy: none, a bandit reward model gives one reward per answer"
-        print(msg, file=sys.stderr)
+        say("segment_accuracy: none, a bandit reward model gives one reward per answer")
         return {"segment_accuracy": None}
     ref, rm = load_model(model_path).eval(), load_model(args.output_dir, "value").eval()
     end_id = end_token_id(tokenizer, args.end_token)
@@ -1344,12 +1297,8 @@ def build_toy_tokenizer(lists=1):
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=special, initial_alphabet=alphabet)
     tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        eos_token="<|end|>",
-        chat_template=TOY_CHAT_TEMPLATE,
-    )
+    tokens = dict(pad_token="<pad>", eos_token="<|end|>", chat_template=TOY_CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **tokens)
 
 
 def build_toy_model(tokenizer):
@@ -1382,20 +1331,12 @@ def toy_model(path):
     command, args = parse_args([*argv, *look, "--output-dir", path])
     if command == "train-rm":  # its SFT model first
         toy_model(args.model or TOY_SFT)
-    print(f"{command}: building {path} ...", file=sys.stderr)
+    from benchmarks.extras import stage_line  # what the quick start says of each stage
+
+    say(f"{command}: building {path} ...")
     start = time.perf_counter()
-    result = {"sft": sft, "train-rm": train_rm}[command](resolve(command, args))
-    seconds = time.perf_counter() - start
-    if command == "sft":
-        figures = f"loss {result['sft/loss']:.3f}"
-        rest = seconds * (1.6 if look else 3.9)  # reward model + PPO time / SFT time, measured
-        figures += f"; at this speed the rest takes about {rest / 60:.0f} min"
-    else:
-        figures = f"pair accuracy {result['eval_accuracy']:.3f}"
-        if result.get("segment_accuracy") is not None:
-            figures += f", per-segment accuracy {result['segment_accuracy']:.3f}"
-        figures += f" on {args.eval_size} held-out pairs (in {path}/result.json)"
-    print(f"{command}: done in {seconds:.0f} s, {figures}", file=sys.stderr)
+    result = COMMANDS[command][1](resolve(command, args))
+    say(stage_line(args, command, result, time.perf_counter() - start, look))
     return path
 
 
@@ -1407,6 +1348,11 @@ def toy_model(path):
 def fail(msg):
     """Bad input: one clear line and a non-zero exit, never a traceback."""
     raise SystemExit(f"segment_rlhf: error: {msg}")
+
+
+def say(msg=""):
+    """A line for the user on stderr (stdout holds the closing JSON line)."""
+    print(msg, file=sys.stderr)
 
 
 def load_rows(name, split="train"):
@@ -1463,6 +1409,9 @@ def split_conversation(row, key, tokenizer, index=0):
     return as_messages(row.get("prompt"), tokenizer, where, earlier), response
 
 
+ROLE = ("role", "content")  # what every turn of a conversation holds
+
+
 def as_messages(prompt, tokenizer, where, earlier=()):
     """A prompt as messages (a string becomes one user turn, earlier turns follow), or as the
     text itself when it already ends with the chat template's assistant header."""
@@ -1476,10 +1425,7 @@ def as_messages(prompt, tokenizer, where, earlier=()):
     if not messages:
         fail(f"{where}: a conversation needs a prompt before the assistant's turn")
     for turn in messages:
-        ok = isinstance(turn, dict) and all(
-            isinstance(turn.get(k), str) for k in ("role", "content")
-        )
-        if not ok:
+        if not (isinstance(turn, dict) and all(isinstance(turn.get(k), str) for k in ROLE)):
             fail(f"{where}: every turn needs a string 'role' and 'content', got {turn!r}")
     return messages
 
@@ -1541,28 +1487,23 @@ def prepare_pairs(ds, tokenizer, args, end_id):
             room = args.max_len - len(prompt_ids)
             chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
             chosen_ids[-1] = rejected_ids[-1] = end_id
-        skip = ""
+        skip, blank = "", not (chosen.strip() and rejected.strip())
         if not prompt_ids:
             skip = "no prompt (implicit layout without a shared prefix)"
-        elif min(len(chosen_ids), len(rejected_ids)) < 2 or not (
-            chosen.strip() and rejected.strip()
-        ):
+        elif min(len(chosen_ids), len(rejected_ids)) < 2 or blank:
             skip = "empty response"
         elif chosen_ids == rejected_ids:
             skip = "chosen identical to rejected"
         elif len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > args.max_len:
             skip = f"longer than --max-len {args.max_len}"
-        return {
-            "prompt_ids": prompt_ids,
-            "chosen_ids": chosen_ids,
-            "rejected_ids": rejected_ids,
-            "skip": skip,
-        }
+        return dict(
+            prompt_ids=prompt_ids, chosen_ids=chosen_ids, rejected_ids=rejected_ids, skip=skip
+        )
 
     ds = ds.map(encode_row, with_indices=True, remove_columns=ds.column_names)
     skipped = {reason: ds["skip"].count(reason) for reason in set(ds["skip"]) - {""}}
     if skipped:
-        print(f"skipped pairs: {skipped}", file=sys.stderr)
+        say(f"skipped pairs: {skipped}")
     ds = ds.filter(lambda r: not r["skip"]).remove_columns("skip")
     if len(ds) == 0:
         fail(f"no usable preference pairs left after filtering; skipped: {skipped}")
@@ -1570,13 +1511,15 @@ def prepare_pairs(ds, tokenizer, args, end_id):
 
 
 def rm_pairs(args, tokenizer):
-    """The preference dataset (or the toy one), encoded and filtered."""
-    ds = (
-        load_rows(args.dataset)
-        if args.dataset
-        else datasets.Dataset.from_list(toy_preference_rows(2200, args.seed, args.toy_lists))
-    )
-    return prepare_pairs(ds, tokenizer, args, end_token_id(tokenizer, args.end_token))
+    """The preference dataset (or the toy one), encoded and filtered, and more than --eval-size."""
+    if args.dataset:
+        ds = load_rows(args.dataset)
+    else:
+        ds = datasets.Dataset.from_list(toy_preference_rows(2200, args.seed, args.toy_lists))
+    ds = prepare_pairs(ds, tokenizer, args, end_token_id(tokenizer, args.end_token))
+    if not 0 < args.eval_size < len(ds):
+        fail(f"--eval-size {args.eval_size} must be between 1 and the {len(ds)} usable pairs - 1")
+    return ds
 
 
 @torch.no_grad()
@@ -1592,10 +1535,8 @@ def add_entropies_batch(rows, ref_model, pad_id, device):
     out = {}
     for key in ("chosen", "rejected"):
         seqs = [p + r for p, r in zip(rows["prompt_ids"], rows[f"{key}_ids"])]
-        ids = pad_right(seqs, pad_id).to(device)
-        ent = reference_entropy(
-            ref_model, ids, pad_right([[1] * len(s) for s in seqs], 0).to(device)
-        )
+        ids, mask = pad_right(seqs, pad_id).to(device), pad_right([[1] * len(s) for s in seqs], 0)
+        ent = reference_entropy(ref_model, ids, mask.to(device))
         spans = zip(ent.cpu(), rows["prompt_ids"], seqs)
         out[f"{key}_entropy"] = [e[len(p) : len(s)].tolist() for e, p, s in spans]
     return out
@@ -1612,13 +1553,12 @@ def add_entropies(ds, args, accelerator, model_path, tokenizer):
         pad, device, ref = tokenizer.pad_token_id, accelerator.device, None
         if not os.path.exists(cache):  # a cache hit loads no reference model
             ref = load_model(model_path, "causal", args.bf16).eval().to(device)
+        cached = dict(cache_file_name=cache, new_fingerprint=name, desc="reference entropies")
         return ds.map(
             lambda rows: add_entropies_batch(rows, ref, pad, device),
             batched=True,
             batch_size=64,
-            cache_file_name=cache,
-            new_fingerprint=name,
-            desc="reference entropies",
+            **cached,
         )
 
 
@@ -1670,11 +1610,9 @@ def prompt_splits(args, tokenizer):
             prompt = split_conversation({key: value}, key, tokenizer, i)[0]  # minus its answer
         else:
             prompt = as_messages(value, tokenizer, where)
+        text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
         ids = encode(tokenizer, prompt, "", args.max_prompt_len, None)[0]
-        return {
-            "prompt_text": prompt if isinstance(prompt, str) else prompt[-1]["content"],
-            "input_ids": ids,
-        }
+        return {"prompt_text": text, "input_ids": ids}
 
     ds = ds.map(encode_prompt, with_indices=True, remove_columns=ds.column_names)
     if len(ds) <= args.eval_prompts + args.batch_size:
@@ -1694,9 +1632,11 @@ def cat_padded(tensors):
     return torch.cat([F.pad(t, (0, width - t.shape[1])) for t in tensors])
 
 
-def decode_responses(tokenizer, response, mask, stop):
-    rows = zip(response, mask, stop)
-    return [tokenizer.decode(r[m.bool() & ~s], skip_special_tokens=True) for r, m, s in rows]
+def toy_scores(tokenizer, prompts, sample):
+    """The exact toy score of each sampled response: its tokens up to its stop token."""
+    rows = zip(sample["response"], sample["mask"].bool() & ~sample["stop"])
+    texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in rows]
+    return [toy_score(p, t) for p, t in zip(prompts, texts)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1722,15 +1662,8 @@ def model_folder(path):
 
 
 # What transformers raises for a missing, damaged or mistyped file of a model folder.
-DAMAGED = (
-    OSError,
-    ValueError,
-    RuntimeError,
-    TypeError,
-    KeyError,
-    SafetensorError,
-    StrictDataclassError,
-)
+DAMAGED = (OSError, ValueError, RuntimeError, TypeError, KeyError, SafetensorError)
+DAMAGED += (StrictDataclassError,)
 
 
 def load_tokenizer(path):
@@ -1765,10 +1698,9 @@ def load_model(path, kind="causal", bf16=False):
     except DAMAGED as e:
         hint = "; the weights are damaged or truncated" if isinstance(e, SafetensorError) else ""
         fail(f"could not load model {path!r}: {first_line(e)}{hint}")
-    heads = ("score.weight", "lm_head.weight")  # a fresh head, or the other kind's: by design
-    body = {*info["missing_keys"], *info["unexpected_keys"]} - {*heads}
-    body = sorted(k for k in body if "head" not in k)
-    if body:
+    # Heads may be missing or unused by design (a fresh one, or the other kind's); no other weight.
+    loose = {*info["missing_keys"], *info["unexpected_keys"]} - {"score.weight", "lm_head.weight"}
+    if body := sorted(k for k in loose if "head" not in k):
         fail(
             f"model {path}: its config.json and weights disagree ({len(body)} weights missing "
             f"or unused, e.g. {body[0]})"
@@ -1802,13 +1734,8 @@ def forward(model, input_ids, attention_mask, **kwargs):
     """One forward with position ids from the attention mask, so left- and right-padded rows
     agree; no KV cache (training and scoring never reuse it)."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-        **kwargs,
-    )
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    return model(**inputs, use_cache=False, **kwargs)
 
 
 def unwrap(model):
@@ -1825,12 +1752,8 @@ def trainable(model, args, kind):
         from peft import LoraConfig, get_peft_model
 
         task = "CAUSAL_LM" if kind == "causal" else "SEQ_CLS"
-        config = LoraConfig(
-            r=args.lora_rank,
-            lora_alpha=args.lora_alpha,
-            target_modules=args.lora_targets,
-            task_type=task,
-        )
+        sizes = dict(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=args.lora_targets)
+        config = LoraConfig(**sizes, task_type=task)
         try:
             model = get_peft_model(model, config)
         except ValueError as e:  # e.g. target modules the model does not have
@@ -1887,11 +1810,12 @@ def make_accelerator(args):
     data = DataLoaderConfiguration(
         split_batches=True, use_seedable_sampler=True, data_seed=args.seed
     )
+    precision = "bf16" if args.bf16 else "no"
     accelerator = Accelerator(
-        mixed_precision="bf16" if args.bf16 else "no",
+        mixed_precision=precision,
         dataloader_config=data,
-        gradient_accumulation_steps=args.grad_accum,
         cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=args.grad_accum,
     )
     set_seed(args.seed)
     return accelerator
@@ -1955,14 +1879,8 @@ def start_run(args, command, accelerator, inputs, in_place=False):
     for path in (staged, aside):  # what a run writes beside OUT, by the same rule
         output_path(path, [] if in_place else inputs, "--output-dir", kind="")
     skip = ("overwrite", "resume", "save_every")  # a run is the same run whatever these say
-    record = {
-        "command": command,
-        **{
-            f.name: getattr(args, f.name)
-            for f in dataclasses.fields(args)
-            if f.init and f.name not in skip
-        },
-    }
+    flags = [f.name for f in dataclasses.fields(args) if f.init and f.name not in skip]
+    record = {"command": command, **{name: getattr(args, name) for name in flags}}
     for key in ("model", "dataset", "reward_model"):  # one spelling of every path, as for OUT
         if record.get(key) and os.path.exists(record[key]):
             record[key] = os.path.realpath(record[key])
@@ -1971,9 +1889,7 @@ def start_run(args, command, accelerator, inputs, in_place=False):
     work = staged if args.resume and os.path.isfile(os.path.join(staged, "args.json")) else final
     mode = "in place" if in_place else run_mode(work, record, args)
     if mode == "finished":
-        print(
-            f"{final} holds this run, finished; pass --overwrite to run it again", file=sys.stderr
-        )
+        say(f"{final} holds this run, finished; pass --overwrite to run it again")
         return read_json(os.path.join(final, "result.json"), "run result")
     if mode == "replace" and work == final:
         run_mode(staged, record, args)  # an abandoned earlier attempt may be cleared, no more
@@ -2018,11 +1934,7 @@ def run_mode(path, record, args):
         )
     old = read_json(os.path.join(path, "args.json"), "run settings")
     if old != record and args.resume:
-        keys = [
-            k
-            for k in dict.fromkeys([*record, *old])
-            if k != "inputs" and old.get(k) != record.get(k)
-        ]
+        keys = [k for k in {**record, **old} if k != "inputs" and old.get(k) != record.get(k)]
         flags = [f"--{k.replace('_', '-')} {record.get(k)} (was {old.get(k)})" for k in keys]
         was, now = old.get("inputs", {}), record["inputs"]
         flags += [f"{p} changed" for p in {**was, **now} if was.get(p) != now.get(p)]
@@ -2148,10 +2060,7 @@ def load_checkpoint(accelerator, args):
     """--resume: restore the newest checkpoint and drop the metrics rows logged after it."""
     path = (checkpoints(args.output_dir) or [None])[-1]
     if path is None:
-        print(
-            f"--resume: no checkpoint in {args.output_dir}, starting from the beginning",
-            file=sys.stderr,
-        )
+        say(f"--resume: no checkpoint in {args.output_dir}, starting from the beginning")
         return None
     state = read_json(os.path.join(path, "state.json"), "checkpoint state")
     try:
@@ -2165,7 +2074,7 @@ def load_checkpoint(accelerator, args):
             kept = f.readlines()[:rows]
         with open(metrics, "w") as f:
             f.writelines(kept)
-    print(f"resumed from {path}", file=sys.stderr)
+    say(f"resumed from {path}")
     return state
 
 
@@ -2251,12 +2160,10 @@ def released_rm_settings(path):
             named = local and os.path.basename(os.path.normpath(path)) == repo.split("/")[1]
             if path != repo and not named and not snapshot:
                 continue
-            settings = {
-                "entropy_threshold": c,
-                "reference_model": m["model"],
-                "end_token": m["end_token"],
-                **dict(zip(("mean", "std"), m["bandit"])),
-            }
+            settings = dict(
+                entropy_threshold=c, reference_model=m["model"], end_token=m["end_token"]
+            )
+            settings.update(zip(("mean", "std"), m["bandit"]))
             if kind != "bandit":
                 settings["normalizer"] = list(m[kind])
             config = read_json(os.path.join(path, "config.json"), "model config") if local else {}
@@ -2274,40 +2181,26 @@ def load_rm_settings(path):
             f"reward model {path!r} has no segment_rlhf settings in its config.json; train it "
             "with train-rm or use --preset"
         )
-    stored = config["segment_rlhf"]
-    if not isinstance(stored, dict):
+    if not isinstance(stored := config["segment_rlhf"], dict):
         fail(f"{file}: segment_rlhf must hold the settings object; retrain with train-rm")
-    settings = {**stored, **{k: config[k] for k in ("mean", "std") if k in config}}
-    missing = [k for k in ("entropy_threshold", "reference_model", "end_token") if k not in stored]
-    if missing:
+    needed = ("entropy_threshold", "reference_model", "end_token")
+    if missing := [k for k in needed if k not in stored]:
         fail(f"{file} lacks {', '.join(missing)}; retrain with train-rm or restore the file")
+    s = {**stored, **{k: config[k] for k in ("mean", "std") if k in config}}
     # One check of every value PPO reads: a wrong one would run and give a wrong result.
-    norm, c = settings.get("normalizer"), settings["entropy_threshold"]
-    numbers = [
-        *(norm or []),
-        *(settings[k] for k in ("mean", "std", "min_position") if k in settings),
-    ]
-    ok = norm is None or isinstance(norm, list) and len(norm) == 4
-    ok &= all(
-        isinstance(settings.get(k, ""), str)
-        for k in ("reference_model", "end_token", "reference_model_was")
-    )
-    ok &= is_number(c) and c >= 0 and all(is_number(v) and math.isfinite(v) for v in numbers)
-    ok = ok and settings.get("std", 1) > 0 and 0 < settings.get("min_position", 1) <= 1
-    ok = ok and (norm is None or norm[3] > 0)  # sigma(p = 1) = b_sigma, a std
+    c, norm = s["entropy_threshold"], s.get("normalizer")
+    numbers = [c, *(norm or []), *(s[k] for k in ("mean", "std", "min_position") if k in s)]
+    texts = [s.get(k, "") for k in ("reference_model", "end_token", "reference_model_was")]
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers)
+    ok = ok and all(math.isfinite(v) for v in numbers[1:]) and c >= 0 and s.get("std", 1) > 0
+    ok = ok and 0 < s.get("min_position", 1) <= 1 and all(isinstance(t, str) for t in texts)
+    ok = ok and (norm is None or isinstance(norm, list) and len(norm) == 4 and norm[3] > 0)
     if not ok:
         fail(f"{file}: the settings hold non-finite or malformed values; refit with fit-norm")
-    ref = settings["reference_model"]
-    if ref.startswith("."):  # stored relative to the reward model (write_rm_settings)
+    if (ref := s["reference_model"]).startswith("."):  # relative to the RM (write_rm_settings)
         ref = os.path.abspath(os.path.join(path, ref))
-        settings["reference_model"] = (
-            ref if os.path.isdir(ref) else settings.get("reference_model_was", ref)
-        )
-    return settings
-
-
-def is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+        s["reference_model"] = ref if os.path.isdir(ref) else s.get("reference_model_was", ref)
+    return s
 
 
 def write_rm_settings(rm_dir, settings, backup=False):
@@ -2329,11 +2222,6 @@ def write_rm_settings(rm_dir, settings, backup=False):
     write_json(file, {**config, "segment_rlhf": settings, "mean": mean, "std": std})
 
 
-def has_settings(path):
-    file = os.path.join(path, "config.json")
-    return os.path.isfile(file) and "segment_rlhf" in read_json(file, "model config")
-
-
 def reference_model(args, settings):
     """--model, else the reward model's reference model, which must be where it was."""
     path = args.model or settings["reference_model"]
@@ -2345,17 +2233,20 @@ def reference_model(args, settings):
     return path
 
 
+def has_settings(path):
+    file = os.path.join(path, "config.json")
+    return os.path.isfile(file) and "segment_rlhf" in read_json(file, "model config")
+
+
 def planned_rm_settings(args):
     """The reward model's settings; for one not trained yet (the toy's, or the one a preset's
     train-rm writes), those it will be trained with."""
     path, preset = args.reward_model, args.preset
-    if path in (TOY_RM, LOOK_RM) and not has_settings(path):
+    if has_settings(path):
+        return load_rm_settings(path)
+    if path in (TOY_RM, LOOK_RM):
         return {"entropy_threshold": RMArgs.entropy_threshold, "normalizer": "fitted by train-rm"}
-    if (
-        preset
-        and path == preset_defaults(preset, "train-rm")["output_dir"]
-        and not has_settings(path)
-    ):
+    if preset and path == preset_defaults(preset, "train-rm")["output_dir"]:
         c = PAPER_MODELS[preset]["c"]
         return {"entropy_threshold": c, "normalizer": f"fitted by train-rm --preset {preset}"}
     return load_rm_settings(path)
@@ -2435,14 +2326,10 @@ def cut_segments(tokenizer, ref, rm, pairs, threshold, end_id, batch_size=16):
     (no end token; every token is content)."""
     out = []
     for start in range(0, len(pairs), batch_size):
-        encoded = [
-            encode(tokenizer, p, r, 10**9, end_id) for p, r in pairs[start : start + batch_size]
-        ]
-        seqs = [p + r for p, r in encoded]
-        ids, mask = (
-            pad_right(seqs, tokenizer.pad_token_id),
-            pad_right([[1] * len(s) for s in seqs], 0),
-        )
+        chunk = pairs[start : start + batch_size]
+        encoded = [encode(tokenizer, p, r, 10**9, end_id) for p, r in chunk]
+        seqs, pad = [p + r for p, r in encoded], tokenizer.pad_token_id
+        ids, mask = pad_right(seqs, pad), pad_right([[1] * len(s) for s in seqs], 0)
         entropy = reference_entropy(ref, ids, mask)
         pos = torch.arange(ids.shape[1])
         first = torch.tensor([len(p) for p, _ in encoded])[:, None]
@@ -2483,9 +2370,8 @@ def segment(args):
     threshold = args.entropy_threshold
     threshold = settings.get("entropy_threshold", 1.0) if threshold is None else threshold
     model_path = reference_model(args, settings) if settings else toy_model(args.model or TOY_SFT)
-    page = args.html and output_path(
-        args.html, [model_path, args.reward_model, args.dataset], "--html"
-    )
+    inputs = [model_path, args.reward_model, args.dataset]
+    page = args.html and output_path(args.html, inputs, "--html")
     tokenizer, ref, rm = load_scorers(model_path, args.reward_model)
     demo = [{"role": "user", "content": TOY_DEMO[0]}]
     shown = [("chosen", demo, TOY_DEMO[1]), ("rejected", demo, TOY_DEMO[2])]
@@ -2506,11 +2392,8 @@ def segment(args):
             shown = [(f"{name}, chosen", *split_conversation(row, "chosen", tokenizer, args.row))]
     if not all(response.strip() for _, _, response in shown):
         fail(f"the {shown[0][0]} is empty")
-    end_id = (
-        None
-        if args.text is not None
-        else end_token_id(tokenizer, args.end_token or settings.get("end_token", ""))
-    )
+    end = args.end_token or settings.get("end_token", "")
+    end_id = None if args.text is not None else end_token_id(tokenizer, end)  # raw text: none
     cut = cut_segments(tokenizer, ref, rm, [(p, r) for _, p, r in shown], threshold, end_id)
     views = [
         {"title": title, "prompt": prompt and prompt[-1]["content"], "segments": segs}
@@ -2518,18 +2401,16 @@ def segment(args):
     ]
     from benchmarks import extras
 
+    color = sys.stdout.isatty()
     for view in views:
-        print(
-            f"{view['title']}:\n{extras.segments_terminal(view['segments'], sys.stdout.isatty())}"
-        )
+        print(f"{view['title']}:\n{extras.segments_terminal(view['segments'], color)}")
     if page:
         with atomic(page) as tmp, open(tmp, "w") as f:
             f.write(extras.segments_html(views, threshold))
     keys = ("text", "entropy", "reward")
-    brief = [
-        {**v, "segments": [{k: s[k] for k in keys if k in s} for s in v["segments"]]} for v in views
-    ]
-    return {"entropy_threshold": threshold, "segments": brief[0]["segments"], "views": brief}
+    for v in views:
+        v["segments"] = [{k: s[k] for k in keys if k in s} for s in v["segments"]]
+    return {"entropy_threshold": threshold, "segments": views[0]["segments"], "views": views}
 
 
 def sample_table(tokenizer, data, i):
@@ -2548,12 +2429,12 @@ def sample_table(tokenizer, data, i):
 # Command line: one subcommand per stage, its flags from the dataclasses (HfArgumentParser, as
 # TRL's scripts do), resolved and checked once before anything runs; one error boundary.
 
-COMMANDS = {
-    "sft": (SFTArgs, "toy only: fine-tune the toy model on its task, the stage before train-rm"),
-    "train-rm": (RMArgs, "train a segment reward model on preference pairs; fit its normalizer"),
-    "fit-norm": (FitNormArgs, "refit the location-aware normalizer of a trained reward model"),
-    "ppo": (PPOArgs, "PPO of the SFT policy against a reward model's dense segment rewards"),
-    "segment": (SegmentArgs, "show a response cut into its segments, with their rewards"),
+COMMANDS = {  # name: its flags, what runs it, what it does
+    "sft": (SFTArgs, sft, "toy only: fine-tune the toy model, the stage before train-rm"),
+    "train-rm": (RMArgs, train_rm, "train a segment reward model; fit its normalizer"),
+    "fit-norm": (FitNormArgs, fit_norm, "refit the normalizer of a trained reward model"),
+    "ppo": (PPOArgs, ppo, "PPO of the SFT policy against dense segment rewards"),
+    "segment": (SegmentArgs, segment, "show a response cut into its segments, with rewards"),
 }
 
 
@@ -2566,7 +2447,7 @@ def parse_args(argv=None):
     parser = Parser(prog="segment_rlhf.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     subparsers = {}
-    for name, (cls, text) in COMMANDS.items():
+    for name, (cls, _, text) in COMMANDS.items():
         subparsers[name] = sub.add_parser(name, dataclass_types=cls, help=text, description=text)
         for f in dataclasses.fields(cls):  # --no-X for every switch that is off by default
             if f.init and f.type in (bool, bool | None) and f.default is not True:
@@ -2590,10 +2471,8 @@ def resolve(command, args):
         lo, hi = (float(x) for x in bounds[1:-1].split(", "))
         for name in names.split():
             v = getattr(args, name, None)
-            if v is not None and not (
-                (lo <= v if bounds[0] == "[" else lo < v)
-                and (v <= hi if bounds[-1] == "]" else v < hi)
-            ):
+            above = v is None or lo < v or bounds[0] == "[" and v == lo  # NaN is neither
+            if not (above and (v is None or v < hi or bounds[-1] == "]" and v == hi)):
                 fail(f"--{name.replace('_', '-')} must be in {bounds}, got {v}")
     if command == "segment":
         return args
@@ -2672,36 +2551,22 @@ def main(argv=None):
                 resolved["reward_model_settings"] = planned_rm_settings(args)
             print(json.dumps(resolved, indent=1))
             return resolved
-        quick = command == "ppo" and args.reward_model in (TOY_RM, LOOK_RM) and not args.dataset
-        look = quick and args.reward_model == LOOK_RM
-        sft_dir = LOOK_SFT if look else TOY_SFT
-        finished = quick and not args.overwrite and os.path.isfile(f"{args.output_dir}/result.json")
-        if quick:
-            from benchmarks import extras
+        run = COMMANDS[command][1]
+        if command == "ppo" and args.reward_model in (TOY_RM, LOOK_RM) and not args.dataset:
+            from benchmarks.extras import quick_start  # the toy run between a plan and a summary
 
-            if not finished:
-                extras.quick_start_plan(args, sft_dir, look)
-        start = time.perf_counter()
-        run = {
-            "sft": sft,
-            "train-rm": train_rm,
-            "fit-norm": fit_norm,
-            "ppo": ppo,
-            "segment": segment,
-        }
+            look = args.reward_model == LOOK_RM
+            run = functools.partial(quick_start, ppo, sft_dir=LOOK_SFT if look else TOY_SFT)
         try:
-            result = run[command](args)
-            if quick and "toy_score_after" in result:
-                seconds = not finished and time.perf_counter() - start
-                extras.quick_start_summary(args, result, seconds, sft_dir)
+            result = run(args)
         except BaseException as e:
             if RUN:  # the error line on a line of its own, not glued to a progress bar
-                print(file=sys.stderr)
+                say()
             raise interruption(e) or e
     except KeyboardInterrupt as e:  # 130 as for any SIGINT, 143 for SIGTERM
         how = f" by {e.args[0]}" if e.args else ""
         hint = "; resume with --resume" if command in ("train-rm", "ppo") else ""
-        print(f"segment_rlhf: error: interrupted{how}{hint}", file=sys.stderr)
+        say(f"segment_rlhf: error: interrupted{how}{hint}")
         raise SystemExit(143 if e.args else 130) from None
     except SystemExit as e:  # a fail() line: say where a failed run stands
         raise SystemExit(e.code + where_it_stands()) if isinstance(e.code, str) else e from None

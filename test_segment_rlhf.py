@@ -1481,7 +1481,7 @@ def test_an_interrupt_that_torch_wraps_is_still_an_interrupt(wrapped, monkeypatc
             wrapped("could not load model 'x': trying to pop from empty mode stack")
             raise RuntimeError("trying to pop from empty mode stack")
 
-    monkeypatch.setattr(S, "segment", torn)
+    monkeypatch.setitem(S.COMMANDS, "segment", (S.SegmentArgs, torn, "the segment view, torn"))
     with pytest.raises(SystemExit) as e:
         S.main(["segment"])
     assert e.value.code == 143

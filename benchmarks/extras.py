@@ -9,7 +9,8 @@ normalizer plot (`fit-norm --plot`, benchmarks/make_figures.py) and the GGUF con
   cutoff drawn across.
 - plot_normalizer: the segment rewards' mean and std at each position p = k / K, as the fit sees
   them, with the fitted location-aware lines mu(p) and sigma(p) (needs matplotlib).
-- quick_start_plan, quick_start_summary: what the quick start says before and after its run.
+- quick_start (quick_start_plan, quick_start_summary), stage_line: what the quick start says
+  before, during and after its run.
 - gguf_folder: a GGUF checkpoint as a plain transformers folder in the cache, converted once.
 """
 
@@ -18,6 +19,7 @@ import html
 import math
 import os
 import sys
+import time
 
 import torch
 
@@ -194,6 +196,32 @@ QUICK_START = {
     "train-rm": "segment reward model (trained on preference pairs, cut at entropy 1.0)",
     "ppo": "policy (PPO against the segment rewards, {steps} steps)",
 }
+
+
+def quick_start(ppo, args, sft_dir):
+    """A toy ppo run: the plan before it, unless it finished before; the summary after."""
+    finished = not args.overwrite and os.path.isfile(os.path.join(args.output_dir, "result.json"))
+    if not finished:
+        quick_start_plan(args, sft_dir, look="look" in sft_dir)
+    start = time.perf_counter()
+    result = ppo(args)
+    if "toy_score_after" in result:
+        quick_start_summary(args, result, not finished and time.perf_counter() - start, sft_dir)
+    return result
+
+
+def stage_line(args, command, result, seconds, look):
+    """How a stage of the quick start went, and for the first how long the rest will take."""
+    if command == "sft":
+        figures = f"loss {result['sft/loss']:.3f}"
+        rest = seconds * (1.6 if look else 3.9)  # reward model + PPO time / SFT time, measured
+        figures += f"; at this speed the rest takes about {rest / 60:.0f} min"
+    else:
+        figures = f"pair accuracy {result['eval_accuracy']:.3f}"
+        if result.get("segment_accuracy") is not None:
+            figures += f", per-segment accuracy {result['segment_accuracy']:.3f}"
+        figures += f" on {args.eval_size} held-out pairs (in {args.output_dir}/result.json)"
+    return f"{command}: done in {seconds:.0f} s, {figures}"
 
 
 def quick_start_plan(args, sft_dir, look):

@@ -59,11 +59,15 @@ def smooth(xs, k=9):
 
 
 def run_once(out_dir, argv):
-    """S.main(argv) into out_dir unless it finished there before; its closing dict."""
+    """S.main(argv) into out_dir unless it finished there before; its closing dict. A reward
+    model or PPO run checkpoints as it goes and, stopped, continues from there the next time."""
     done = os.path.join(out_dir, "result.json")
     if os.path.exists(done):
         return json.load(open(done))
-    return S.main([*argv, "--output-dir", out_dir, "--overwrite"])
+    if argv[0] == "sft":
+        return S.main([*argv, "--output-dir", out_dir, "--overwrite"])
+    every = "21" if argv[0] == "train-rm" else "10"  # a third of an RM epoch; 10 PPO iterations
+    return S.main([*argv, "--output-dir", out_dir, "--resume", "--save-every", every])
 
 
 def run_one(args, length, name, seed):
