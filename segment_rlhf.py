@@ -651,16 +651,10 @@ def fit_normalizer(args, accelerator, model, pad_id, threshold, split):
 
 def save_reward_model(args, accelerator, model, tokenizer, model_path, split):
     """Fit the normalizer, then save the model and its settings."""
-    fitted = fit_normalizer(
-        args, accelerator, model, tokenizer.pad_token_id, args.entropy_threshold, split
-    )[0]
+    c, end = args.entropy_threshold, args.end_token or tokenizer.eos_token
+    fitted = fit_normalizer(args, accelerator, model, tokenizer.pad_token_id, c, split)[0]
     save_model(accelerator, model, tokenizer, args.output_dir)
-    settings = {
-        "entropy_threshold": args.entropy_threshold,
-        "reference_model": model_path,
-        "end_token": args.end_token or tokenizer.eos_token,
-        **fitted,
-    }
+    settings = dict(entropy_threshold=c, reference_model=model_path, end_token=end, **fitted)
     if accelerator.is_main_process:
         write_rm_settings(args.output_dir, settings)
 
@@ -675,9 +669,8 @@ def fit_norm(args):
     ref_path = reference_model(args, settings)
     # the reference model only loads if its entropies are not cached (add_entropies)
     tokenizer, _, model = load_scorers(ref_path, args.reward_model, args.bf16, with_ref=False)
-    plot = args.plot and output_path(
-        args.plot, [args.reward_model, ref_path, args.dataset], "--plot"
-    )
+    inputs = [ref_path, args.dataset, args.reward_model]
+    plot = args.plot and output_path(args.plot, inputs, "--plot")
     if plot:  # checked before the work, not after it
         import matplotlib  # noqa: F401
     args.end_token = args.end_token or settings["end_token"]
@@ -688,21 +681,18 @@ def fit_norm(args):
     n = min(args.norm_samples or len(split["train"]), len(split["train"]))
     say(
         f"fit-norm: the normalizer from {n} training pairs, the mean / std from {args.eval_size}"
-        f" held-out pairs (split as train-rm's with --eval-size {args.eval_size}, --seed"
-        f" {args.seed})"
+        f" held-out pairs (train-rm's split: --eval-size {args.eval_size}, --seed {args.seed})"
     )
     in_place = os.path.realpath(args.output_dir) == os.path.realpath(args.reward_model)
-    inputs = [ref_path, args.dataset] + ([] if in_place else [args.reward_model])
-    if done := start_run(args, "fit-norm", accelerator, inputs, in_place):
+    if done := start_run(args, "fit-norm", accelerator, inputs[: 2 if in_place else 3], in_place):
         return done
     if not math.isinf(threshold):  # entropies of just the pairs fitted on, in one pass
         ds = datasets.concatenate_datasets([split["train"].select(range(n)), split["test"]])
         ds = add_entropies(ds, args, accelerator, ref_path, tokenizer)
         split = {"train": ds.select(range(n)), "test": ds.select(range(n, len(ds)))}
     model = model.to(accelerator.device)
-    fitted, positions, rewards = fit_normalizer(
-        args, accelerator, model, tokenizer.pad_token_id, threshold, split
-    )
+    pad = tokenizer.pad_token_id
+    fitted, positions, rewards = fit_normalizer(args, accelerator, model, pad, threshold, split)
     if not all(math.isfinite(v) for v in [*fitted["normalizer"], fitted["mean"], fitted["std"]]):
         fail(f"the fit on {2 * n} responses is not finite; pass a larger --norm-samples")
     settings.update(fitted, reference_model=ref_path)
@@ -716,10 +706,8 @@ def fit_norm(args):
             if os.path.isfile(path) and name.split(".")[0] not in ("args", "metrics", "result"):
                 shutil.copy2(path, os.path.join(args.output_dir, name))
         write_rm_settings(args.output_dir, settings, backup=in_place)
-    keys = ("normalizer", "mean", "std", "norm_samples")
-    return finish_run(
-        args, accelerator, {**{k: settings[k] for k in keys}, "output_dir": RUN["given"]}
-    )
+    result = {k: settings[k] for k in ("normalizer", "mean", "std", "norm_samples")}
+    return finish_run(args, accelerator, {**result, "output_dir": RUN["given"]})
 
 
 # ----------------------------------------------------------------------------------------------
