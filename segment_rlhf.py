@@ -303,16 +303,22 @@ def huber_fit(x, y, delta=1.35, iters=100):
     return coef[0].item(), coef[1].item()
 
 
-def fit_location_normalizer(positions, rewards):
-    """(a_mu, a_sigma, b_mu, b_sigma) from 1-D tensors of segment positions p and rewards r."""
+def position_groups(positions, rewards):
+    """Per distinct position p (rounded to 3 decimals): p, segment count, mean and std of r."""
     groups, index = torch.unique(torch.round(positions.double() * 1000) / 1000, return_inverse=True)
     count = torch.bincount(index, minlength=len(groups)).double()
     mean = torch.zeros_like(groups).index_add_(0, index, rewards.double()) / count
     sq_dev = (rewards.double() - mean[index]) ** 2
-    var = torch.zeros_like(groups).index_add_(0, index, sq_dev) / count
+    std = (torch.zeros_like(groups).index_add_(0, index, sq_dev) / count).sqrt()
+    return groups, count, mean, std
+
+
+def fit_location_normalizer(positions, rewards):
+    """(a_mu, a_sigma, b_mu, b_sigma) from 1-D tensors of segment positions p and rewards r."""
+    groups, count, mean, std = position_groups(positions, rewards)
     keep = count >= 2  # a single sample has no std
     x = groups[keep].log()
-    (a_mu, b_mu), (a_sigma, b_sigma) = huber_fit(x, mean[keep]), huber_fit(x, var[keep].sqrt())
+    (a_mu, b_mu), (a_sigma, b_sigma) = huber_fit(x, mean[keep]), huber_fit(x, std[keep])
     return a_mu, a_sigma, b_mu, b_sigma
 
 

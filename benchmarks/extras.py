@@ -159,11 +159,9 @@ def plot_normalizer(path, positions, rewards, params, common=20):
     import matplotlib.pyplot as plt
 
     a_mu, a_sigma, b_mu, b_sigma = params
-    groups, index = torch.unique(torch.round(positions.double() * 1000) / 1000, return_inverse=True)
-    count = torch.bincount(index, minlength=len(groups)).double()
-    mean = torch.zeros_like(groups).index_add_(0, index, rewards.double()) / count
-    square = torch.zeros_like(groups).index_add_(0, index, rewards.double() ** 2) / count
-    std = (square - mean**2).clamp(min=0).sqrt()
+    from segment_rlhf import position_groups  # the grouping the fit uses
+
+    groups, count, mean, std = position_groups(positions, rewards)
     size = 6 + 120 * (count / count.max()).sqrt()
     fig, ax = plt.subplots(figsize=(9, 4.2))
     for rare, name, alpha in (

@@ -22,12 +22,12 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import segment_rlhf as S  # noqa: E402
 
-CANDIDATES = {  # name: ppo flags beyond the defaults
-    "default": [],
-    "beta0.2": ["--beta", "0.2"],
-    "epochs4": ["--ppo-epochs", "4"],
-    "mini8": ["--mini-batch-size", "8"],
-}
+CANDIDATES = ["--beta 0.2", "--ppo-epochs 4", "--mini-batch-size 8"]  # beyond the defaults
+
+
+def name_of(flags):
+    """A run's folder name from its flags: '--ppo-epochs 4' -> 'ppo-epochs4'."""
+    return flags.replace("--", "").replace(" ", "") or "default"
 
 
 def run(name, flags, seed):
@@ -47,16 +47,13 @@ def main():
     parser.add_argument("--only", default=None, help="one set of ppo flags, e.g. '--beta 0.2'")
     args = parser.parse_args()
     S.toy_model(S.TOY_RM)
-    todo = [("default", [], seed) for seed in args.seeds]
-    if args.search:
-        todo += [(name, flags, 0) for name, flags in CANDIDATES.items() if name != "default"]
-    if args.only is not None:
-        name = args.only.replace("--", "").replace(" ", "")
-        todo = [(name, args.only.split(), seed) for seed in args.seeds]
+    todo = [("", seed) for seed in args.seeds] if args.only is None else []
+    todo += [(flags, 0) for flags in CANDIDATES if args.search]
+    todo += [(args.only, seed) for seed in args.seeds if args.only is not None]
     print(f"{'run':20} {'train (last 20)':>15} {'before':>7} {'after':>7} {'error left':>10}")
-    for name, flags, seed in todo:
-        train, before, after, left = run(name, flags, seed)
-        run_name = f"{name} seed {seed}"
+    for flags, seed in todo:
+        train, before, after, left = run(name_of(flags), flags.split(), seed)
+        run_name = f"{name_of(flags)} seed {seed}"
         print(f"{run_name:20} {train:15.3f} {before:7.3f} {after:7.3f} {left:10.2f}")
 
 
