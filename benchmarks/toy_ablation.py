@@ -44,7 +44,7 @@ SFT_EPOCHS = {"short": "6", "medium": "12", "long": "12"}  # 6 left long answers
 # The settings every record was made with (and 120 PPO steps), pinned: a change of the quick
 # start's defaults (tuned for its margin: docs/toy.md) does not move the ablation.
 RM = ["--epochs", "5", "--lr", "3e-4"]
-PPO = ["--ppo-epochs", "2", "--mini-batch-size", "16", "--beta", "0.3"]
+PPO = ["--lr", "3e-5", "--ppo-epochs", "2", "--mini-batch-size", "16", "--beta", "0.3"]
 RECORDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "toy_ablation")
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
