@@ -22,7 +22,17 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import segment_rlhf as S  # noqa: E402
 
-CANDIDATES = ["--beta 0.2", "--ppo-epochs 4", "--mini-batch-size 8"]  # beyond the defaults
+# The search that set the default actor lr (docs/toy.md), from actor lr 3e-5: each spelled whole.
+CANDIDATES = [
+    "--lr 3e-5",
+    *(f"--lr 3e-5 {flags}" for flags in ("--beta 0.2", "--mini-batch-size 8", "--ppo-epochs 3")),
+    "--lr 3e-5 --ppo-epochs 4",
+    "--lr 3e-5 --ppo-epochs 4 --mini-batch-size 32",
+    "--lr 3e-5 --ppo-epochs 4 --steps 90",
+    "--lr 6e-5",
+    "--lr 6e-5 --mini-batch-size 8",
+    "--lr 1e-4",
+]
 
 
 def name_of(flags):
