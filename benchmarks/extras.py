@@ -228,7 +228,7 @@ def quick_start_plan(args, sft_dir, look):
     todo = [(p, c) for p, c in stages if not os.path.isfile(os.path.join(p, "config.json"))]
     todo.append((args.output_dir, "ppo"))
     lines = [f"  {c:8} {p:14} {QUICK_START[c].format(steps=args.steps)}" for p, c in todo]
-    when = "2 to 3 min" if look else "4 to 7 min"
+    when = "about 2 min" if look else "4 to 7 min"
     head = f"the toy quick start: {len(lines)} stage(s), {when} on 2 CPU cores"
     print("\n".join([head, *lines]), file=sys.stderr)
 
