@@ -25,7 +25,9 @@ import segment_rlhf as S  # noqa: E402
 # The search that set the default actor lr (docs/toy.md), from actor lr 3e-5: each spelled whole.
 CANDIDATES = [
     "--lr 3e-5",
-    *(f"--lr 3e-5 {flags}" for flags in ("--beta 0.2", "--mini-batch-size 8", "--ppo-epochs 3")),
+    "--lr 3e-5 --beta 0.2",
+    "--lr 3e-5 --mini-batch-size 8",
+    "--lr 3e-5 --ppo-epochs 3",
     "--lr 3e-5 --ppo-epochs 4",
     "--lr 3e-5 --ppo-epochs 4 --mini-batch-size 32",
     "--lr 3e-5 --ppo-epochs 4 --steps 90",
@@ -60,11 +62,11 @@ def main():
     todo = [("", seed) for seed in args.seeds] if args.only is None else []
     todo += [(flags, 0) for flags in CANDIDATES if args.search]
     todo += [(args.only, seed) for seed in args.seeds if args.only is not None]
-    print(f"{'run':20} {'train (last 20)':>15} {'before':>7} {'after':>7} {'error left':>10}")
+    print(f"{'run':44} {'train (last 20)':>15} {'before':>7} {'after':>7} {'error left':>10}")
     for flags, seed in todo:
         train, before, after, left = run(name_of(flags), flags.split(), seed)
         run_name = f"{name_of(flags)} seed {seed}"
-        print(f"{run_name:20} {train:15.3f} {before:7.3f} {after:7.3f} {left:10.2f}")
+        print(f"{run_name:44} {train:15.3f} {before:7.3f} {after:7.3f} {left:10.2f}")
 
 
 if __name__ == "__main__":

@@ -41,8 +41,9 @@ LENGTHS = {  # --toy-lists, and room for its prompts (<= 39 tokens) and answers 
 }
 NEW_TOKENS = {"short": "24", "medium": "80", "long": "176"}  # ppo's --max-new-tokens
 SFT_EPOCHS = {"short": "6", "medium": "12", "long": "12"}  # 6 left long answers malformed
-# The settings every record was made with (and 120 PPO steps), pinned: a change of the quick
-# start's defaults (tuned for its margin: docs/toy.md) does not move the ablation.
+# The settings every record was made with, pinned: a change of the quick start's defaults (tuned
+# for its margin: docs/toy.md) does not move the ablation; a run of other --steps leaves no record.
+STEPS = 120
 RM = ["--epochs", "5", "--lr", "3e-4"]
 PPO = ["--lr", "3e-5", "--ppo-epochs", "2", "--mini-batch-size", "16", "--beta", "0.3"]
 RECORDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "toy_ablation")
@@ -98,7 +99,7 @@ def run_one(args, length, name, seed):
         "ppo": {k: v for k, v in ppo.items() if k != "output_dir"},
         "curves": {k: [round(r[f"ppo/{k}"], 4) for r in rows] for k in keep},
     }
-    if args.steps == 120:  # a record is the pinned run; a shorter look is not kept
+    if args.steps == STEPS:
         os.makedirs(os.path.dirname(record), exist_ok=True)
         with open(record + ".tmp", "w") as f:
             json.dump(rec, f, indent=1)
@@ -144,7 +145,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", nargs="+", default=list(LENGTHS), choices=list(LENGTHS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--report", action="store_true", help="only tabulate the records there")
     args = parser.parse_args()
