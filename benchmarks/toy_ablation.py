@@ -46,11 +46,16 @@ SFT_EPOCHS = {"short": "6", "medium": "12", "long": "12"}  # 6 left long answers
 STEPS = 120
 RM = ["--epochs", "5", "--lr", "3e-4"]
 PPO = ["--lr", "3e-5", "--ppo-epochs", "2", "--mini-batch-size", "16", "--beta", "0.3"]
-# At the long length the dense runs of seed 0 were hacked at these settings (segment: no answer
-# ends from iteration 55 on). The search below adds an end term to PPO for all three variants at
-# once, on seed 0; the rule, fixed before its runs: the arm whose training rollouts score higher
+# At the long length the dense runs of seed 0 were hacked at these settings: segment stopped
+# ending its answers from iteration 55 on, token kept ending them but spent 25x the bandit's KL.
+# The search adds, for all three variants at once and on seed 0, first the authors' end penalty
+# (their segment run: -0.05 at every token of an unended answer), then that and a KL coefficient
+# 3x as strong. The rule, fixed before its runs: the arm whose training rollouts score highest
 # (last 20 iterations, mean over the three variants) is the one every seed of that length runs.
-SEARCH = {"end-penalty": ["--end-penalty", "-0.05"]}  # the authors' segment run: unended -> -0.05
+SEARCH = {
+    "end-penalty": ["--end-penalty", "-0.05"],
+    "end-penalty-beta1": ["--end-penalty", "-0.05", "--beta", "1.0"],
+}
 RECORDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "toy_ablation")
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
