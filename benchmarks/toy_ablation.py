@@ -5,6 +5,8 @@
     OMP_NUM_THREADS=1 python benchmarks/toy_ablation.py --lengths long --seeds 3 4 &    # the runs
     python benchmarks/toy_ablation.py --report                 # the table and plot of what is done
     python benchmarks/toy_ablation.py --lengths short --seeds 0 --steps 20 --out runs/abl-quick
+    python benchmarks/toy_ablation.py --search end-penalty --lengths long --seeds 0  # an arm
+    python benchmarks/toy_ablation.py --samples --lengths long --seeds 0  # what the policies say
 
 Answer length is the toy's --toy-lists: `short` one list per answer (the quick start's task, ~17
 response tokens), `medium` three (~51), `long` eight (~135). Per length one SFT model (seed 0; 12
@@ -98,7 +100,7 @@ def run_one(args, length, name, seed):
     rm = run_once(rm_dir, [*rm_args, "--seed", str(seed)])
     if args.rm_only:
         return None
-    ppo_dir = f"{out}/ppo-{name}-seed{seed}" + ("" if args.search is None else f"-{args.search}")
+    ppo_dir = ppo_path(args, length, name, seed)
     ppo_args = ["ppo", "--reward-model", rm_dir, "--seed", str(seed), "--steps", str(args.steps)]
     ppo_args += PPO + SEARCH.get(args.search, [])
     ppo = run_once(ppo_dir, [*ppo_args, *shape, "--max-new-tokens", NEW_TOKENS[length]])
@@ -118,6 +120,39 @@ def run_one(args, length, name, seed):
             json.dump(rec, f, indent=1)
         os.replace(record + ".tmp", record)
     return rec
+
+
+def ppo_path(args, length, name, seed):
+    arm = "" if args.search is None else f"-{args.search}"
+    return f"{args.out}/{length}/ppo-{name}-seed{seed}{arm}"
+
+
+def show_samples(args, n=2):
+    """What the trained policies say: an answer to each of the first n held-out prompts from
+    every finished PPO run there (sampled as in training), with its exact score. A reward that
+    was hacked shows in the text (an extra list, an answer that never ends)."""
+    import torch
+
+    for length in args.lengths:
+        prompts = S.toy_prompt_rows(n, seed=-1, lists=int(LENGTHS[length][1]))
+        for seed, name in ((seed, name) for seed in args.seeds for name in VARIANTS):
+            path = ppo_path(args, length, name, seed)
+            if not os.path.isfile(os.path.join(path, "result.json")):
+                continue
+            tokenizer, policy = S.load_tokenizer(path), S.load_model(path).eval()
+            torch.manual_seed(seed)
+            for row in prompts:
+                turn = [{"role": "user", "content": row["prompt"]}]
+                ids = tokenizer.apply_chat_template(
+                    turn, add_generation_prompt=True, return_tensors="pt", return_dict=True
+                )
+                new = int(NEW_TOKENS[length])
+                out = policy.generate(**ids, do_sample=True, top_k=0, max_new_tokens=new)
+                text = tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
+                score = S.toy_score(row["prompt"], text.removesuffix(tokenizer.eos_token))
+                print(
+                    f"{length} {name} seed {seed}, score {score:.3f}: {row['prompt']}\n  {text!r}"
+                )
 
 
 def summarize(runs):
@@ -163,7 +198,10 @@ def main():
     parser.add_argument("--report", action="store_true", help="only tabulate the records there")
     parser.add_argument("--search", choices=list(SEARCH), help="add this arm's PPO flags")
     parser.add_argument("--rm-only", action="store_true", help="train the reward models only")
+    parser.add_argument("--samples", action="store_true", help="answers of the trained policies")
     args = parser.parse_args()
+    if args.samples:
+        return show_samples(args)
 
     summary, last = {"steps": args.steps, "lengths": {}}, None
     arm = [] if args.search is None else ["search", args.search]
