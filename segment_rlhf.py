@@ -163,6 +163,7 @@ class PPOArgs(Common):
     length_norm: bool | None = arg(
         None, "divide each token reward by the response length (preset's)", nargs="?", const=True
     )
+    segment_mean: bool = arg(False, "divide each token reward by the answer's segment count")
     eval_prompts: int = arg(128, "held-out prompts scored before and after training")
     rollout_chunk: int = arg(64, "prompts generated and scored at once per process (memory)")
 
@@ -378,7 +379,8 @@ def interpolate_rewards(seg_rewards, ends, content_mask, mode="even"):
 def token_rewards(rm_values, entropy, logprobs, ref_logprobs, sample, args, settings):
     """The whole reward PPO optimizes, (B, R) per response token, assembled in the paper's order:
     segment ends (1) -> segment rewards (2) -> location normalization (3) -> interpolation (4)
-    -> the end-of-response terms of the authors' runs -> clamp, minus the KL term (5).
+    -> (the mean over segments) -> the end-of-response terms of the authors' runs -> clamp, minus
+    the KL term (5).
 
     sample: the response `mask` up to and including its stop token, that `stop` token, and
     whether each row `stopped` at all. Returns R, the reward before the KL term, the KL, the
@@ -398,6 +400,11 @@ def token_rewards(rm_values, entropy, logprobs, ref_logprobs, sample, args, sett
             min_p = norm.get("min_position", 0.0)
             seg = normalize_segment_rewards(rm_values, ends, norm["normalizer"], min_p)
         dense = interpolate_rewards(seg, ends, content, args.interpolation)
+    # Not the paper's: the reward model ranks answers by their *mean* segment reward, PPO sums
+    # them, and a sum grows with every segment added (the toy's long answers: docs/toy.md). Over K
+    # segments the rewards then sum to the mean; the bandit's one segment is left as it is.
+    if args.segment_mean:
+        dense = dense / ends.sum(-1, keepdim=True).clamp(min=1)
     # A response cut off by the length limit loses missing_eos_penalty at its last token.
     last = mask & (mask.long().cumsum(-1) == mask.sum(-1, keepdim=True))
     dense = dense - args.missing_eos_penalty * (last & ~stopped[:, None])

@@ -231,6 +231,16 @@ def test_token_rewards_is_the_whole_reward_hand_built():
     dense = S.token_rewards(values, entropy, logprobs, ref, sample, args, settings)[1]
     assert dense[0].tolist() == [0.0, 0.5, 0.0]  # (1 - 1) / 2 on token 0, (2 - 1) / 2 on token 1
     assert dense[1].tolist() == pytest.approx([0.0, 0.0, 0.0])  # one segment: (1 - 1) / 2 / 3
+    # --segment-mean: row 0's two segments sum to their mean, (0 + 1) / 2 = 0.5 / 2 on token 1
+    args.segment_mean = True
+    dense = S.token_rewards(values, entropy, logprobs, ref, sample, args, settings)[1]
+    assert dense[0].tolist() == [0.0, 0.25, 0.0]
+    # the bandit's one segment is left as it is: its normalized reward (5 - 1) / 2 at the end
+    bandit = {"mean": 1.0, "std": 2.0}
+    for args.segment_mean in (False, True):
+        args.reward_mode = "bandit"
+        dense = S.token_rewards(values, entropy, logprobs, ref, sample, args, bandit)[1]
+        assert dense[0].tolist() == [0.0, 0.0, 2.0]
 
 
 def test_whiten_is_zero_mean_unit_variance_over_the_mask():
