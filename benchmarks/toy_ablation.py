@@ -181,6 +181,10 @@ def summarize(runs):
             "toy_score_after_per_seed": after,
             "auc": interval(auc)[0],
             "auc_ci95": interval(auc)[1],
+            # the search's rule reads this: the training rollouts, never the held-out prompts
+            "rollout_score_last20": statistics.fmean(
+                statistics.fmean(r["curves"]["toy_score"][-20:]) for r in rs
+            ),
             "steps_to_90pct": hit[0] if hit else None,
             "rm_accuracy": statistics.fmean(r["rm"]["eval_accuracy"] for r in rs),
             "rm_segment_accuracy": None if None in seg_acc else statistics.fmean(seg_acc),
@@ -243,14 +247,16 @@ def print_table(length, row):
     print(f"\n{length}: {row['response_tokens']} response tokens (the SFT policy's, mean)")
     print(
         f"{'variant':8} {'seeds':>5} {'RM acc':>6} {'seg acc':>7} {'before':>6}"
-        f" {'after (95% CI)':>16} {'AUC (95% CI)':>16} {'KL':>5} {'EV':>5} {'to 90%':>6}"
+        f" {'after (95% CI)':>16} {'AUC (95% CI)':>16} {'last 20':>7} {'KL':>5} {'EV':>5}"
+        f" {'to 90%':>6}"
     )
     for name, r in row["results"].items():
         seg = "-" if r["rm_segment_accuracy"] is None else f"{r['rm_segment_accuracy']:.3f}"
         print(
             f"{name:8} {r['seeds']:5} {r['rm_accuracy']:6.3f} {seg:>7} {r['toy_score_before']:6.3f}"
             f" {r['toy_score_after']:9.3f} ±{r['toy_score_after_ci95']:.3f}"
-            f" {r['auc']:9.3f} ±{r['auc_ci95']:.3f} {r['kl']:5.2f} {r['explained_variance']:5.2f}"
+            f" {r['auc']:9.3f} ±{r['auc_ci95']:.3f} {r['rollout_score_last20']:7.3f}"
+            f" {r['kl']:5.2f} {r['explained_variance']:5.2f}"
             f" {str(r['steps_to_90pct']):>6}"
         )
 
