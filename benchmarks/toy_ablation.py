@@ -300,6 +300,7 @@ def plot(out, lengths, longest_runs):
     )
     left.axhline(before, color="gray", linestyle=":", label="SFT policy (mean)")
     left.set_xscale("log")
+    left.minorticks_off()  # the log axis's own minor labels (2x10^1, ...) would overlap the lengths
     left.set_xticks(tokens, [f"{t:.0f}\n{n}" for t, n in zip(tokens, lengths)])
     left.set_xlabel("response tokens (mean, SFT policy)")
     left.set_ylabel("exact toy score after PPO (held-out prompts)")
