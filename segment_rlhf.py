@@ -401,8 +401,9 @@ def token_rewards(rm_values, entropy, logprobs, ref_logprobs, sample, args, sett
             seg = normalize_segment_rewards(rm_values, ends, norm["normalizer"], min_p)
         dense = interpolate_rewards(seg, ends, content, args.interpolation)
     # Not the paper's: the reward model ranks answers by their *mean* segment reward, PPO sums
-    # them, and a sum grows with every segment added (the toy's long answers: docs/toy.md). Over K
-    # segments the rewards then sum to the mean; the bandit's one segment is left as it is.
+    # them, and a sum grows with every segment added (the toy's longer answers grow extra lists:
+    # docs/toy.md). Divided by K, an answer's K evenly split rewards sum to their mean; the
+    # bandit's one segment is left as it is.
     if args.segment_mean:
         dense = dense / ends.sum(-1, keepdim=True).clamp(min=1)
     # A response cut off by the length limit loses missing_eos_penalty at its last token.
