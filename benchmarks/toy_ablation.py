@@ -50,16 +50,19 @@ RM = ["--epochs", "5", "--lr", "3e-4"]
 PPO = ["--lr", "3e-5", "--ppo-epochs", "2", "--mini-batch-size", "16", "--beta", "0.3"]
 # At the long length the dense runs of seed 0 were hacked at these settings: segment stopped
 # ending its answers from iteration 55 on, token kept ending them but spent 25x the bandit's KL.
-# The search: two arms, for all three variants at once, on seed 0. Both add the authors' end
-# penalty (their segment run: -0.05 at every token of an unended answer); one a KL coefficient
-# 3x as strong, the other --segment-mean (the rewards of an answer sum to their mean, as the
-# reward model's score does: token's answers had grown a ninth list, every item of it paid). The
-# rule, fixed before the runs: the setting whose training rollouts score highest (last 20
-# iterations, mean over the three variants) is the one every seed of that length runs.
+# The search: the pinned settings and two arms, for all three variants at once, on seed 0. Both
+# arms add the authors' end penalty (their segment run: -0.05 at every token of an unended
+# answer); one a KL coefficient 3x as strong, the other --segment-mean (the rewards of an answer
+# sum to their mean, as the reward model's score does: token's answers had grown a ninth list,
+# every item of it paid). The rule, fixed before the runs: the setting whose training rollouts
+# score highest (last 20 iterations, mean over the three variants) is the one every seed of
+# that length runs, CHOSEN; the records of the others lie under results/toy_ablation/search/.
 SEARCH = {
+    "pinned": [],
     "end-penalty-beta1": ["--end-penalty", "-0.05", "--beta", "1.0"],
     "end-penalty-mean": ["--end-penalty", "-0.05", "--segment-mean"],
 }
+CHOSEN = {"short": "pinned", "medium": "pinned", "long": "pinned"}  # what a length runs
 RECORDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "toy_ablation")
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -91,8 +94,7 @@ def run_once(out_dir, argv):
 
 def run_one(args, length, name, seed):
     """One (length, variant, seed): its record, made now unless it is there."""
-    arm = [] if args.search is None else ["search", args.search]
-    record = os.path.join(RECORDS, *arm, length, f"{name}-seed{seed}.json")
+    record = record_path(args, length, name, seed)
     if os.path.exists(record):
         return json.load(open(record))
     out, shape = f"{args.out}/{length}", LENGTHS[length]
@@ -104,7 +106,7 @@ def run_one(args, length, name, seed):
         return None
     ppo_dir = ppo_path(args, length, name, seed)
     ppo_args = ["ppo", "--reward-model", rm_dir, "--seed", str(seed), "--steps", str(args.steps)]
-    ppo_args += PPO + SEARCH.get(args.search, [])
+    ppo_args += PPO + SEARCH[args.search or CHOSEN[length]]
     ppo = run_once(ppo_dir, [*ppo_args, *shape, "--max-new-tokens", NEW_TOKENS[length]])
     rows = [json.loads(line) for line in open(os.path.join(ppo_dir, "metrics.jsonl"))]
     rows = [r for r in rows if "ppo/toy_score" in r]
@@ -124,9 +126,16 @@ def run_one(args, length, name, seed):
     return rec
 
 
+def record_path(args, length, name, seed):
+    """The chosen arm's records lie in RECORDS/length, the other arms' in RECORDS/search/arm."""
+    arm = args.search or CHOSEN[length]
+    where = [length] if arm == CHOSEN[length] else ["search", arm, length]
+    return os.path.join(RECORDS, *where, f"{name}-seed{seed}.json")
+
+
 def ppo_path(args, length, name, seed):
-    arm = "" if args.search is None else f"-{args.search}"
-    return f"{args.out}/{length}/ppo-{name}-seed{seed}{arm}"
+    arm = args.search or CHOSEN[length]
+    return f"{args.out}/{length}/ppo-{name}-seed{seed}" + ("" if arm == "pinned" else f"-{arm}")
 
 
 def show_samples(args, n=2):
@@ -211,16 +220,13 @@ def main():
         return show_samples(args)
 
     summary, last = {"steps": args.steps, "lengths": {}}, None
-    arm = [] if args.search is None else ["search", args.search]
     for length in args.lengths:
         runs = {name: [] for name in VARIANTS}
         for seed in args.seeds:
             for name in args.variants:
                 if not args.report:
                     runs[name].append(run_one(args, length, name, seed))
-                elif os.path.exists(
-                    path := os.path.join(RECORDS, *arm, length, f"{name}-seed{seed}.json")
-                ):
+                elif os.path.exists(path := record_path(args, length, name, seed)):
                     runs[name].append(json.load(open(path)))
         if args.rm_only:
             continue
