@@ -237,6 +237,7 @@ def main():
         tokens = [r["curves"]["response_length"][0] for rs in runs.values() for r in rs]
         summary["lengths"][length] = {
             "response_tokens": round(statistics.fmean(tokens), 1),
+            "arm": args.search or CHOSEN[length],  # the PPO settings it ran with (SEARCH)
             "results": results,
             "curves": curves,
         }
@@ -307,7 +308,8 @@ def plot(out, lengths, longest_runs):
     left.axhline(before, color="gray", linestyle=":", label="SFT policy (mean)")
     left.set_xscale("log")
     left.minorticks_off()  # the log axis's own minor labels (2x10^1, ...) would overlap the lengths
-    left.set_xticks(tokens, [f"{t:.0f}\n{n}" for t, n in zip(tokens, lengths)])
+    names = [f"{row['response_tokens']:.0f}\n{n}\n{row['arm']}" for n, row in lengths.items()]
+    left.set_xticks(tokens, names)
     left.set_xlabel("response tokens (mean, SFT policy)")
     left.set_ylabel("exact toy score after PPO (held-out prompts)")
     left.set_title("final score against answer length, 95% band over seeds")
