@@ -236,9 +236,8 @@ def test_token_rewards_is_the_whole_reward_hand_built():
     dense = S.token_rewards(values, entropy, logprobs, ref, sample, args, settings)[1]
     assert dense[0].tolist() == [0.0, 0.25, 0.0]
     # the bandit's one segment is left as it is: its normalized reward (5 - 1) / 2 at the end
-    bandit = {"mean": 1.0, "std": 2.0}
+    bandit, args.reward_mode = {"mean": 1.0, "std": 2.0}, "bandit"
     for args.segment_mean in (False, True):
-        args.reward_mode = "bandit"
         dense = S.token_rewards(values, entropy, logprobs, ref, sample, args, bandit)[1]
         assert dense[0].tolist() == [0.0, 0.0, 2.0]
 

@@ -106,7 +106,7 @@ def run_one(args, length, name, seed):
         return None
     ppo_dir = ppo_path(args, length, name, seed)
     ppo_args = ["ppo", "--reward-model", rm_dir, "--seed", str(seed), "--steps", str(args.steps)]
-    ppo_args += PPO + SEARCH[args.search or CHOSEN[length]]
+    ppo_args += PPO + SEARCH[arm_of(args, length)]
     ppo = run_once(ppo_dir, [*ppo_args, *shape, "--max-new-tokens", NEW_TOKENS[length]])
     rows = [json.loads(line) for line in open(os.path.join(ppo_dir, "metrics.jsonl"))]
     rows = [r for r in rows if "ppo/toy_score" in r]
@@ -126,15 +126,20 @@ def run_one(args, length, name, seed):
     return rec
 
 
+def arm_of(args, length):
+    """The SEARCH arm this run uses: --search, else the one CHOSEN for the length."""
+    return args.search or CHOSEN[length]
+
+
 def record_path(args, length, name, seed):
     """The chosen arm's records lie in RECORDS/length, the other arms' in RECORDS/search/arm."""
-    arm = args.search or CHOSEN[length]
+    arm = arm_of(args, length)
     where = [length] if arm == CHOSEN[length] else ["search", arm, length]
     return os.path.join(RECORDS, *where, f"{name}-seed{seed}.json")
 
 
 def ppo_path(args, length, name, seed):
-    arm = args.search or CHOSEN[length]
+    arm = arm_of(args, length)
     return f"{args.out}/{length}/ppo-{name}-seed{seed}" + ("" if arm == "pinned" else f"-{arm}")
 
 
@@ -237,7 +242,7 @@ def main():
         tokens = [r["curves"]["response_length"][0] for rs in runs.values() for r in rs]
         summary["lengths"][length] = {
             "response_tokens": round(statistics.fmean(tokens), 1),
-            "arm": args.search or CHOSEN[length],  # the PPO settings it ran with (SEARCH)
+            "arm": arm_of(args, length),  # the PPO settings it ran with (SEARCH)
             "results": results,
             "curves": curves,
         }
