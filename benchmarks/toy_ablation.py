@@ -62,7 +62,8 @@ SEARCH = {
     "end-penalty-beta1": ["--end-penalty", "-0.05", "--beta", "1.0"],
     "end-penalty-mean": ["--end-penalty", "-0.05", "--segment-mean"],
 }
-CHOSEN = {"short": "pinned", "medium": "pinned", "long": "end-penalty-beta1"}  # what a length runs
+# What each length runs, by the rule (docs/toy.md: the search tables).
+CHOSEN = {"short": "pinned", "medium": "end-penalty-beta1", "long": "end-penalty-beta1"}
 RECORDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "toy_ablation")
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
