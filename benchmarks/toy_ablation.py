@@ -324,7 +324,7 @@ def plot(out, lengths, longest_runs):
     right.set_ylabel("exact toy score of the rollouts")
     right.set_title(f"learning curves, {longest} answers (smoothed over 9 steps)")
     for ax in (left, right):
-        ax.legend(loc="lower right")
+        ax.legend()  # "best": where it hides the fewest points
     fig.tight_layout()
     fig.savefig(os.path.join(out, "toy_ablation.png"), dpi=120)
     print(f"wrote {out}/toy_ablation.json and toy_ablation.png")
