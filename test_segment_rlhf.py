@@ -1449,32 +1449,34 @@ def test_fit_norm_writes_only_when_done_keeps_a_backup_and_honours_output_dir(
     assert S.load_rm_settings(str(moved / "refit"))["reference_model"] == str(moved / "sft")
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])  # Ctrl-C; what `timeout` and schedulers send
-def test_ctrl_c_gets_one_line_and_leaves_no_directory(sig, toy, tmp_path):
-    out, sig = tmp_path / "rm", getattr(signal, sig)
-    argv = [sys.executable, S.__file__, *[a.format(sft=toy["sft"]) for a in RM]]
+def test_ctrl_c_and_sigterm_get_one_line_and_leave_no_directory(toy, tmp_path):
+    """Ctrl-C, and SIGTERM (what `timeout` and schedulers send), to two runs started together."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # A shell that starts a job in the background makes it ignore SIGINT, and children inherit
     # that: give the run the default disposition, as in a terminal.
     default = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
-    argv += ["--output-dir", str(out)]
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, env=env, preexec_fn=default)
-    while proc.poll() is None and not (out / "args.json").exists():
-        time.sleep(0.05)
-    for _ in range(8):  # the signal, again if the run has not stopped 15 s later
-        proc.send_signal(sig)
-        try:
-            err = proc.communicate(timeout=15)[1].decode()
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    assert proc.returncode == (130 if sig == signal.SIGINT else 143), err
-    how = "" if sig == signal.SIGINT else " by SIGTERM"
-    assert (
-        err.strip().splitlines()[-1]
-        == f"segment_rlhf: error: interrupted{how}; resume with --resume"
-    )
-    assert "Traceback" not in err and not out.exists() and os.listdir(tmp_path) == []
+    runs = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        out = tmp_path / sig.name / "rm"
+        out.parent.mkdir()
+        argv = [sys.executable, S.__file__, *[a.format(sft=toy["sft"]) for a in RM]]
+        argv += ["--output-dir", str(out)]
+        runs[sig] = out, subprocess.Popen(argv, stderr=subprocess.PIPE, env=env, preexec_fn=default)
+    for sig, (out, proc) in runs.items():
+        while proc.poll() is None and not (out / "args.json").exists():
+            time.sleep(0.05)
+        for _ in range(8):  # the signal, again if the run has not stopped 15 s later
+            proc.send_signal(sig)
+            try:
+                err = proc.communicate(timeout=15)[1].decode()
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        assert proc.returncode == (130 if sig == signal.SIGINT else 143), err
+        how = "" if sig == signal.SIGINT else " by SIGTERM"
+        last = err.strip().splitlines()[-1]
+        assert last == f"segment_rlhf: error: interrupted{how}; resume with --resume"
+        assert "Traceback" not in err and os.listdir(out.parent) == []
 
 
 @pytest.mark.parametrize("wrapped", [RuntimeError, S.fail])
@@ -1700,7 +1702,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(toy, tmp_path):
 
     def run(n, out):
         argv = ["train-rm", "--model", toy["sft"], "--dataset", str(tmp_path / "pairs.jsonl"),
-                "--eval-size", "64", "--epochs", "2", "--output-dir", str(out)]  # fmt: skip
+                "--eval-size", "64", "--epochs", "1", "--output-dir", str(out)]  # fmt: skip
         if n == 1:  # in this process: no second start-up
             S.main(argv)
         else:
@@ -1711,7 +1713,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(toy, tmp_path):
         return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
     one, two = run(1, tmp_path / "ddp1"), run(2, tmp_path / "ddp2")
-    assert [r["processes"] for r in one + two] == [1, 1, 2, 2]
+    assert [r["processes"] for r in one + two] == [1, 2]
     for a, b in zip(one, two):
         for key in (
             "rm/loss",
