@@ -291,10 +291,10 @@ def plot(out, lengths, longest_runs):
         mean = [row["results"][name]["toy_score_after"] for row in lengths.values()]
         half = [row["results"][name]["toy_score_after_ci95"] for row in lengths.values()]
         left.plot(tokens, mean, marker="o", label=name)
-        left.fill_between(
+        left.fill_between(  # cut to the score's range [0, 1]: a collapsed seed widens the t-band
             tokens,
-            [m - h for m, h in zip(mean, half)],
-            [m + h for m, h in zip(mean, half)],
+            [max(0.0, m - h) for m, h in zip(mean, half)],
+            [min(1.0, m + h) for m, h in zip(mean, half)],
             alpha=0.2,
         )
         rs = longest_runs[name]
