@@ -1462,16 +1462,17 @@ def test_ctrl_c_and_sigterm_get_one_line_and_leave_no_directory(toy, tmp_path):
         argv = [sys.executable, S.__file__, *[a.format(sft=toy["sft"]) for a in RM]]
         argv += ["--output-dir", str(out)]
         runs[sig] = out, subprocess.Popen(argv, stderr=subprocess.PIPE, env=env, preexec_fn=default)
-    for sig, (out, proc) in runs.items():
+    for sig, (out, proc) in runs.items():  # each signalled once it has claimed its directory
         while proc.poll() is None and not (out / "args.json").exists():
             time.sleep(0.05)
-        for _ in range(8):  # the signal, again if the run has not stopped 15 s later
-            proc.send_signal(sig)
+        proc.send_signal(sig)
+    for sig, (out, proc) in runs.items():
+        for _ in range(8):  # the signal again if the run has not stopped 15 s later
             try:
                 err = proc.communicate(timeout=15)[1].decode()
                 break
             except subprocess.TimeoutExpired:
-                continue
+                proc.send_signal(sig)
         assert proc.returncode == (130 if sig == signal.SIGINT else 143), err
         how = "" if sig == signal.SIGINT else " by SIGTERM"
         last = err.strip().splitlines()[-1]
