@@ -24,7 +24,7 @@ Pipeline:  sft (toy only) -> train-rm -> ppo;  `segment` shows a response cut in
     segment_rewards("runs/toy-rm", [answer])
 
 Reading order: configuration, the method (sections 1-5: small pure functions), the training loops,
-the toy task. Everything below the toy task is plumbing: data, models, runs, presets, the CLI.
+the segment view, the toy task. Below the toy task is plumbing: data, models, runs, presets, CLI.
 """
 
 import bisect
@@ -877,18 +877,16 @@ def ppo_update(models, mini, optimizers, args, step):
             optimizer.zero_grad()
     with torch.no_grad():
         log_ratio = logprobs - mini["old_logprobs"]
+        clipped = (log_ratio.exp() - 1).abs() > args.clip_eps
+        value_clipped = (values - old_values).abs() > args.value_clip
         return {
             "losses/policy": pg_loss.detach(),
             "losses/value": v_loss.detach(),
-            "ppo/clipfrac": masked_mean(
-                ((log_ratio.exp() - 1).abs() > args.clip_eps).float(), mask
-            ),
+            "ppo/clipfrac": masked_mean(clipped.float(), mask),
             "ppo/entropy": masked_mean(token_entropy(logits.float() / args.temperature), mask),
             # k3 estimator of KL(old || new): E[(r - 1) - log r], r = pi_new / pi_old, always >= 0
             "ppo/approx_kl": masked_mean(log_ratio.exp() - 1 - log_ratio, mask),
-            "ppo/value_clipfrac": masked_mean(
-                ((values - old_values).abs() > args.value_clip).float(), mask
-            ),
+            "ppo/value_clipfrac": masked_mean(value_clipped.float(), mask),
         }
 
 
@@ -987,9 +985,8 @@ def ppo_optimizers(args, accelerator, m):
     """AdamW and schedules for the actor and the critic, prepared with their models (one model
     per prepare call: FSDP wraps models one at a time)."""
     opt_p, sched_p = make_optimizer(m.policy, args, args.steps)
-    opt_c, sched_c = make_optimizer(
-        m.critic, dataclasses.replace(args, lr=args.critic_lr), args.steps
-    )
+    critic_args = dataclasses.replace(args, lr=args.critic_lr)
+    opt_c, sched_c = make_optimizer(m.critic, critic_args, args.steps)
     m.policy, opt_p = accelerator.prepare(m.policy, opt_p)
     m.critic, opt_c = accelerator.prepare(m.critic, opt_c)
     accelerator.register_for_checkpointing(sched_p, sched_c)
@@ -1033,9 +1030,8 @@ def sft(args):
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         log_metrics(args, accelerator, {"epoch": epoch + 1, "sft/loss": loss.item()})
     save_model(accelerator, model, tokenizer, args.output_dir)
-    return finish_run(
-        args, accelerator, {"sft/loss": round(loss.item(), 4), "output_dir": RUN["given"]}
-    )
+    result = {"sft/loss": round(loss.item(), 4), "output_dir": RUN["given"]}
+    return finish_run(args, accelerator, result)
 
 
 def sft_loader(args, tokenizer):
@@ -1067,6 +1063,146 @@ def sft_loader(args, tokenizer):
     ds = ds.map(encode_row, with_indices=True, remove_columns=ds.column_names)
     batch = args.batch_size // args.grad_accum
     return DataLoader(ds, batch, shuffle=True, collate_fn=collate)
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeing what the method sees: responses cut into their segments, with their rewards. The
+# terminal view, the HTML page and the normalizer plot are drawn by benchmarks/extras.py.
+
+
+def segment_rewards(reward_model, conversations, model="", batch_size=16):
+    """Segments and segment rewards of responses under a saved reward model, e.g.
+
+        from segment_rlhf import segment_rewards
+        answer = ("Name 6 fruits.", "Fruits: apple, fig, kiwi, lemon, mango, plum.")
+        out = segment_rewards("runs/toy-rm", [answer])
+        out[0]["segments"], out[0]["rewards"], out[0]["score"]
+
+    conversations: (prompt, response) pairs or message lists ending with the assistant's turn.
+    The score is the mean segment reward, what the model learned to rank by; the pooled logit
+    of AutoModelForSequenceClassification reads one position and is not it. `model`: the
+    reference model, when the one recorded in the settings has moved."""
+    settings = load_rm_settings(reward_model)
+    tokenizer, ref, rm = load_scorers(model or settings["reference_model"], reward_model)
+    rows = [
+        {"prompt": c[0], "response": c[1]} if isinstance(c, tuple) else {"response": c}
+        for c in conversations
+    ]
+    pairs = [split_conversation(row, "response", tokenizer) for row in rows]
+    end_id = end_token_id(tokenizer, settings["end_token"])
+    cut = cut_segments(tokenizer, ref, rm, pairs, settings["entropy_threshold"], end_id, batch_size)
+    out = []
+    for segments in cut:
+        rewards = [s["reward"] for s in segments]
+        score = sum(rewards) / max(len(rewards), 1)
+        out.append({"segments": [s["text"] for s in segments], "rewards": rewards, "score": score})
+    return out
+
+
+@torch.no_grad()
+def cut_segments(tokenizer, ref, rm, pairs, threshold, end_id, batch_size=16):
+    """Each (prompt, response) cut into its segments: text, tokens, per-token entropies, the
+    entropy at the segment's end and, with a reward model, its reward. end_id None: raw text
+    (no end token; every token is content)."""
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        encoded = [encode(tokenizer, p, r, 10**9, end_id) for p, r in chunk]
+        seqs, pad = [p + r for p, r in encoded], tokenizer.pad_token_id
+        ids, mask = pad_right(seqs, pad), pad_right([[1] * len(s) for s in seqs], 0)
+        entropy = reference_entropy(ref, ids, mask)
+        pos = torch.arange(ids.shape[1])
+        first = torch.tensor([len(p) for p, _ in encoded])[:, None]
+        # content: the response, minus its end token except for the bandit (read at the end token)
+        last = torch.tensor([len(s) for s in seqs])[:, None]
+        last -= int(end_id is not None and not math.isinf(threshold))
+        ends = segment_ends(entropy, (pos >= first) & (pos < last), threshold)
+        values = token_values(rm, ids, mask).tolist() if rm is not None else [None] * len(seqs)
+        entropy = entropy.tolist()
+        for k, (p, _) in enumerate(encoded):
+            stops = ends[k].nonzero().squeeze(1).tolist()
+            segments = []
+            for a, b in zip([len(p)] + [s + 1 for s in stops[:-1]], stops):
+                span = ids[k, a : b + 1].tolist()
+                seg = {
+                    "text": tokenizer.decode(span),
+                    "entropy": round(entropy[k][b], 3),
+                    "tokens": tokenizer.batch_decode([[t] for t in span]),  # one call a segment
+                    "token_entropy": [round(h, 3) for h in entropy[k][a : b + 1]],
+                }
+                if values[k] is not None:
+                    seg["reward"] = round(values[k][b], 3)
+                segments.append(seg)
+            out.append(segments)
+    return out
+
+
+def segment(args):
+    """The `segment` subcommand: print (and draw) responses cut into their segments: --text
+    (raw, no template, no end token), --prompt / --response, the chosen and rejected responses of
+    a --dataset row, or the toy's demo pair when no input is given."""
+    given = [f"--{k}" for k in ("text", "response", "dataset") if getattr(args, k) is not None]
+    if args.prompt is not None and args.response is None:
+        fail("--prompt needs --response: the response is what gets segmented")
+    if len(given) > 1:
+        fail(f"{' and '.join(given)} are two inputs: pass one of them")
+    settings = load_rm_settings(args.reward_model) if args.reward_model else {}
+    threshold = args.entropy_threshold
+    threshold = settings.get("entropy_threshold", 1.0) if threshold is None else threshold
+    model_path = reference_model(args, settings) if settings else toy_model(args.model or TOY_SFT)
+    inputs = [model_path, args.reward_model, args.dataset]
+    page = args.html and output_path(args.html, inputs, "--html")
+    tokenizer, ref, rm = load_scorers(model_path, args.reward_model)
+    demo = [{"role": "user", "content": TOY_DEMO[0]}]
+    shown = [("chosen", demo, TOY_DEMO[1]), ("rejected", demo, TOY_DEMO[2])]
+    if args.text is not None:
+        shown = [("text", "", args.text)]
+    elif args.response is not None:
+        shown = [("response", [{"role": "user", "content": args.prompt or ""}], args.response)]
+    elif args.dataset is not None:
+        rows = load_rows(args.dataset)
+        if not 0 <= args.row < len(rows):
+            fail(f"--row {args.row} is outside the dataset's {len(rows)} rows")
+        check_columns(rows, ["chosen"])
+        row, name = rows[args.row], f"row {args.row}"
+        if "rejected" in row:
+            prompt, chosen, rejected = split_pair(row, tokenizer, args.row)
+            shown = [(f"{name}, chosen", prompt, chosen), (f"{name}, rejected", prompt, rejected)]
+        else:
+            shown = [(f"{name}, chosen", *split_conversation(row, "chosen", tokenizer, args.row))]
+    if not all(response.strip() for _, _, response in shown):
+        fail(f"the {shown[0][0]} is empty")
+    end = args.end_token or settings.get("end_token", "")
+    end_id = None if args.text is not None else end_token_id(tokenizer, end)  # raw text: none
+    cut = cut_segments(tokenizer, ref, rm, [(p, r) for _, p, r in shown], threshold, end_id)
+    views = [
+        {"title": title, "prompt": prompt and prompt[-1]["content"], "segments": segs}
+        for (title, prompt, _), segs in zip(shown, cut)
+    ]
+    from benchmarks import extras
+
+    color = sys.stdout.isatty()
+    for view in views:
+        print(f"{view['title']}:\n{extras.segments_terminal(view['segments'], color)}")
+    if page:
+        with atomic(page) as tmp, open(tmp, "w") as f:
+            f.write(extras.segments_html(views, threshold))
+    keys = ("text", "entropy", "reward")
+    for v in views:
+        v["segments"] = [{k: s[k] for k in keys if k in s} for s in v["segments"]]
+    return {"entropy_threshold": threshold, "segments": views[0]["segments"], "views": views}
+
+
+def sample_table(tokenizer, data, i):
+    """One rollout cut into its segments, each with its dense reward: what the method sees."""
+    response, ends, dense = data["response"][i], data["ends"][i], data["dense"][i]
+    stops = ends.nonzero().squeeze(1).tolist()
+    spans = zip([0] + [s + 1 for s in stops[:-1]], stops)
+    parts = [
+        f"[{tokenizer.decode(response[a : b + 1])}|{dense[a : b + 1].sum().item():+.2f}]"
+        for a, b in spans
+    ]
+    return "sample: " + " ".join(parts) + f"  ({int(data['mask'][i].sum())} tokens)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1813,6 +1949,7 @@ def make_accelerator(args):
     data = DataLoaderConfiguration(
         split_batches=True, use_seedable_sampler=True, data_seed=args.seed
     )
+
     precision = "bf16" if args.bf16 else "no"
     accelerator = Accelerator(
         mixed_precision=precision,
@@ -2286,146 +2423,6 @@ def ensure_reward_model(args):
     settings = load_rm_settings(toy_model(args.reward_model))
     resolve_reward(args, settings)
     return settings
-
-
-# ----------------------------------------------------------------------------------------------
-# Seeing what the method sees: responses cut into their segments, with their rewards. The
-# terminal view, the HTML page and the normalizer plot are drawn by benchmarks/extras.py.
-
-
-def segment_rewards(reward_model, conversations, model="", batch_size=16):
-    """Segments and segment rewards of responses under a saved reward model, e.g.
-
-        from segment_rlhf import segment_rewards
-        answer = ("Name 6 fruits.", "Fruits: apple, fig, kiwi, lemon, mango, plum.")
-        out = segment_rewards("runs/toy-rm", [answer])
-        out[0]["segments"], out[0]["rewards"], out[0]["score"]
-
-    conversations: (prompt, response) pairs or message lists ending with the assistant's turn.
-    The score is the mean segment reward, what the model learned to rank by; the pooled logit
-    of AutoModelForSequenceClassification reads one position and is not it. `model`: the
-    reference model, when the one recorded in the settings has moved."""
-    settings = load_rm_settings(reward_model)
-    tokenizer, ref, rm = load_scorers(model or settings["reference_model"], reward_model)
-    rows = [
-        {"prompt": c[0], "response": c[1]} if isinstance(c, tuple) else {"response": c}
-        for c in conversations
-    ]
-    pairs = [split_conversation(row, "response", tokenizer) for row in rows]
-    end_id = end_token_id(tokenizer, settings["end_token"])
-    cut = cut_segments(tokenizer, ref, rm, pairs, settings["entropy_threshold"], end_id, batch_size)
-    out = []
-    for segments in cut:
-        rewards = [s["reward"] for s in segments]
-        score = sum(rewards) / max(len(rewards), 1)
-        out.append({"segments": [s["text"] for s in segments], "rewards": rewards, "score": score})
-    return out
-
-
-@torch.no_grad()
-def cut_segments(tokenizer, ref, rm, pairs, threshold, end_id, batch_size=16):
-    """Each (prompt, response) cut into its segments: text, tokens, per-token entropies, the
-    entropy at the segment's end and, with a reward model, its reward. end_id None: raw text
-    (no end token; every token is content)."""
-    out = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        encoded = [encode(tokenizer, p, r, 10**9, end_id) for p, r in chunk]
-        seqs, pad = [p + r for p, r in encoded], tokenizer.pad_token_id
-        ids, mask = pad_right(seqs, pad), pad_right([[1] * len(s) for s in seqs], 0)
-        entropy = reference_entropy(ref, ids, mask)
-        pos = torch.arange(ids.shape[1])
-        first = torch.tensor([len(p) for p, _ in encoded])[:, None]
-        # content: the response, minus its end token except for the bandit (read at the end token)
-        last = torch.tensor([len(s) for s in seqs])[:, None]
-        last -= int(end_id is not None and not math.isinf(threshold))
-        ends = segment_ends(entropy, (pos >= first) & (pos < last), threshold)
-        values = token_values(rm, ids, mask).tolist() if rm is not None else [None] * len(seqs)
-        entropy = entropy.tolist()
-        for k, (p, _) in enumerate(encoded):
-            stops = ends[k].nonzero().squeeze(1).tolist()
-            segments = []
-            for a, b in zip([len(p)] + [s + 1 for s in stops[:-1]], stops):
-                span = ids[k, a : b + 1].tolist()
-                seg = {
-                    "text": tokenizer.decode(span),
-                    "entropy": round(entropy[k][b], 3),
-                    "tokens": tokenizer.batch_decode([[t] for t in span]),  # one call a segment
-                    "token_entropy": [round(h, 3) for h in entropy[k][a : b + 1]],
-                }
-                if values[k] is not None:
-                    seg["reward"] = round(values[k][b], 3)
-                segments.append(seg)
-            out.append(segments)
-    return out
-
-
-def segment(args):
-    """The `segment` subcommand: print (and draw) responses cut into their segments: --text
-    (raw, no template, no end token), --prompt / --response, the chosen and rejected responses of
-    a --dataset row, or the toy's demo pair when no input is given."""
-    given = [f"--{k}" for k in ("text", "response", "dataset") if getattr(args, k) is not None]
-    if args.prompt is not None and args.response is None:
-        fail("--prompt needs --response: the response is what gets segmented")
-    if len(given) > 1:
-        fail(f"{' and '.join(given)} are two inputs: pass one of them")
-    settings = load_rm_settings(args.reward_model) if args.reward_model else {}
-    threshold = args.entropy_threshold
-    threshold = settings.get("entropy_threshold", 1.0) if threshold is None else threshold
-    model_path = reference_model(args, settings) if settings else toy_model(args.model or TOY_SFT)
-    inputs = [model_path, args.reward_model, args.dataset]
-    page = args.html and output_path(args.html, inputs, "--html")
-    tokenizer, ref, rm = load_scorers(model_path, args.reward_model)
-    demo = [{"role": "user", "content": TOY_DEMO[0]}]
-    shown = [("chosen", demo, TOY_DEMO[1]), ("rejected", demo, TOY_DEMO[2])]
-    if args.text is not None:
-        shown = [("text", "", args.text)]
-    elif args.response is not None:
-        shown = [("response", [{"role": "user", "content": args.prompt or ""}], args.response)]
-    elif args.dataset is not None:
-        rows = load_rows(args.dataset)
-        if not 0 <= args.row < len(rows):
-            fail(f"--row {args.row} is outside the dataset's {len(rows)} rows")
-        check_columns(rows, ["chosen"])
-        row, name = rows[args.row], f"row {args.row}"
-        if "rejected" in row:
-            prompt, chosen, rejected = split_pair(row, tokenizer, args.row)
-            shown = [(f"{name}, chosen", prompt, chosen), (f"{name}, rejected", prompt, rejected)]
-        else:
-            shown = [(f"{name}, chosen", *split_conversation(row, "chosen", tokenizer, args.row))]
-    if not all(response.strip() for _, _, response in shown):
-        fail(f"the {shown[0][0]} is empty")
-    end = args.end_token or settings.get("end_token", "")
-    end_id = None if args.text is not None else end_token_id(tokenizer, end)  # raw text: none
-    cut = cut_segments(tokenizer, ref, rm, [(p, r) for _, p, r in shown], threshold, end_id)
-    views = [
-        {"title": title, "prompt": prompt and prompt[-1]["content"], "segments": segs}
-        for (title, prompt, _), segs in zip(shown, cut)
-    ]
-    from benchmarks import extras
-
-    color = sys.stdout.isatty()
-    for view in views:
-        print(f"{view['title']}:\n{extras.segments_terminal(view['segments'], color)}")
-    if page:
-        with atomic(page) as tmp, open(tmp, "w") as f:
-            f.write(extras.segments_html(views, threshold))
-    keys = ("text", "entropy", "reward")
-    for v in views:
-        v["segments"] = [{k: s[k] for k in keys if k in s} for s in v["segments"]]
-    return {"entropy_threshold": threshold, "segments": views[0]["segments"], "views": views}
-
-
-def sample_table(tokenizer, data, i):
-    """One rollout cut into its segments, each with its dense reward: what the method sees."""
-    response, ends, dense = data["response"][i], data["ends"][i], data["dense"][i]
-    stops = ends.nonzero().squeeze(1).tolist()
-    spans = zip([0] + [s + 1 for s in stops[:-1]], stops)
-    parts = [
-        f"[{tokenizer.decode(response[a : b + 1])}|{dense[a : b + 1].sum().item():+.2f}]"
-        for a, b in spans
-    ]
-    return "sample: " + " ".join(parts) + f"  ({int(data['mask'][i].sum())} tokens)"
 
 
 # ----------------------------------------------------------------------------------------------
