@@ -229,11 +229,18 @@ def main():
     for length in args.lengths:
         runs = {name: [] for name in VARIANTS}
         for seed in args.seeds:
+            before = {}  # the SFT policy's score on the held-out prompts: one per seed
             for name in args.variants:
                 if not args.report:
                     runs[name].append(run_one(args, length, name, seed))
                 elif os.path.exists(path := record_path(args, length, name, seed)):
                     runs[name].append(json.load(open(path)))
+                else:
+                    continue
+                if runs[name][-1] is not None:
+                    before[name] = runs[name][-1]["ppo"]["toy_score_before"]
+            if len(set(before.values())) > 1:  # a retrained SFT model is not bit-identical
+                print(f"warning: {length} seed {seed} ran from different SFT models: {before}")
         if args.rm_only:
             continue
         if not all(runs.values()):
