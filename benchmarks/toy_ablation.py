@@ -229,20 +229,14 @@ def main():
     for length in args.lengths:
         runs = {name: [] for name in VARIANTS}
         for seed in args.seeds:
-            before = {}  # the SFT policy's score on the held-out prompts: one per seed
             for name in args.variants:
                 if not args.report:
                     runs[name].append(run_one(args, length, name, seed))
                 elif os.path.exists(path := record_path(args, length, name, seed)):
                     runs[name].append(json.load(open(path)))
-                else:
-                    continue
-                if runs[name][-1] is not None:
-                    before[name] = runs[name][-1]["ppo"]["toy_score_before"]
-            if len(set(before.values())) > 1:  # a retrained SFT model is not bit-identical
-                print(f"warning: {length} seed {seed} ran from different SFT models: {before}")
         if args.rm_only:
             continue
+        warn_mixed_sft(length, runs)
         if not all(runs.values()):
             print(f"{length}: no finished seed of every variant yet")
             continue
@@ -261,6 +255,19 @@ def main():
     with open(os.path.join(args.out, "toy_ablation.json"), "w") as f:
         json.dump(summary, f, indent=1)
     plot(args.out, summary["lengths"], last)
+
+
+def warn_mixed_sft(length, runs):
+    """A line for each seed whose variants ran from different SFT models: the score before PPO
+    is the SFT policy's on the same prompts with the same sampling noise, so it must agree (an
+    SFT model trained again on another machine differs in the last bits)."""
+    before = {}
+    for name, rs in runs.items():
+        for r in rs:
+            before.setdefault(r["ppo_settings"]["seed"], {})[name] = r["ppo"]["toy_score_before"]
+    for seed, scores in before.items():
+        if len(set(scores.values())) > 1:
+            print(f"warning: {length} seed {seed} ran from different SFT models: {scores}")
 
 
 def print_table(length, row):
