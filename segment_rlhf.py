@@ -558,7 +558,8 @@ def rm_setup(args, accelerator, model_path, tokenizer, ds):
     split = ds.train_test_split(test_size=args.eval_size, seed=args.seed)
     collate = pair_collate(tokenizer.pad_token_id, bandit)
     batch = args.batch_size // args.grad_accum
-    # The loader gets its own generator, not the global RNG (see ppo_setup).
+    # The loader gets its own generator, not the global RNG (see ppo_data).
+
     shuffled = dict(shuffle=True, generator=torch.Generator())
     train_loader = DataLoader(split["train"], batch, collate_fn=collate, **shuffled)
     eval_loader = DataLoader(split["test"], batch, collate_fn=collate)
@@ -570,6 +571,66 @@ def rm_setup(args, accelerator, model_path, tokenizer, ds):
     prepared = accelerator.prepare(model, optimizer, train_loader, eval_loader, scheduler)
     model, optimizer, train_loader, eval_loader, scheduler = prepared
     return model, optimizer, scheduler, train_loader, eval_loader, split
+
+
+@torch.no_grad()
+def reference_entropy(ref_model, input_ids, attention_mask, batch_size=64):
+    """(N, T) entropies of the frozen reference model, one no-grad forward per example."""
+    chunks = zip(input_ids.split(batch_size), attention_mask.split(batch_size))
+    entropies = [token_entropy(forward(ref_model, i, m).logits) for i, m in chunks]
+    return torch.cat(entropies) * attention_mask
+
+
+def add_entropies_batch(rows, ref_model, pad_id, device):
+    """datasets.map body: the reference entropy at every response token of chosen and rejected."""
+    out = {}
+    for key in ("chosen", "rejected"):
+        seqs = [p + r for p, r in zip(rows["prompt_ids"], rows[f"{key}_ids"])]
+        ids, mask = pad_right(seqs, pad_id).to(device), pad_right([[1] * len(s) for s in seqs], 0)
+        ent = reference_entropy(ref_model, ids, mask.to(device))
+        spans = zip(ent.cpu(), rows["prompt_ids"], seqs)
+        out[f"{key}_entropy"] = [e[len(p) : len(s)].tolist() for e, p, s in spans]
+    return out
+
+
+def add_entropies(ds, args, accelerator, model_path, tokenizer):
+    """Reference entropies for every pair, cached on disk and keyed on what they depend on (the
+    encoded data, the reference weights): one forward per example for the whole run."""
+    key = json.dumps([ds._fingerprint, stamp(model_path)])
+    name = f"entropy-{hashlib.sha1(key.encode()).hexdigest()[:16]}.arrow"
+    cache = os.path.join(cache_dir("entropy", [model_path, args.dataset]), name)
+    with accelerator.main_process_first():  # the main process computes, the others read its file
+        pad, device, ref = tokenizer.pad_token_id, accelerator.device, None
+        if not os.path.exists(cache):  # a cache hit loads no reference model
+            ref = load_model(model_path, "causal", args.bf16).eval().to(device)
+        body = functools.partial(add_entropies_batch, ref_model=ref, pad_id=pad, device=device)
+        cached = dict(cache_file_name=cache, new_fingerprint=name, desc="reference entropies")
+        return ds.map(body, batched=True, batch_size=64, **cached)
+
+
+def pair_collate(pad_id, bandit):
+    """Chosen rows then rejected rows in one (2B, T) batch. Content = the response minus its end
+    token, except for the bandit, whose one segment is read at the end token itself."""
+
+    def collate(rows):
+        prompts = [r["prompt_ids"] for r in rows] * 2
+        responses = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+        seqs = [p + r for p, r in zip(prompts, responses)]
+        start = torch.tensor([len(p) for p in prompts])[:, None]
+        stop = torch.tensor([len(s) for s in seqs])[:, None] - (0 if bandit else 1)
+        pos = torch.arange(max(len(s) for s in seqs))
+        batch = {
+            "input_ids": pad_right(seqs, pad_id),
+            "content_mask": (pos >= start) & (pos < stop),
+            "attention_mask": pad_right([[1] * len(s) for s in seqs], 0),
+        }
+        batch["entropy"] = torch.zeros(batch["input_ids"].shape)  # bandit: not needed
+        if "chosen_entropy" in rows[0]:
+            ents = [r["chosen_entropy"] for r in rows] + [r["rejected_entropy"] for r in rows]
+            batch["entropy"] = pad_right([[0.0] * len(p) + e for p, e in zip(prompts, ents)], 0.0)
+        return batch
+
+    return collate
 
 
 def init_head(model, how, critic=False):
@@ -633,19 +694,6 @@ def collect_segment_rewards(model, loader, threshold, accelerator):
     return torch.cat(positions), torch.cat(rewards), torch.cat(scores)
 
 
-def normalizer_settings(positions, rewards, scores, responses):
-    """What PPO needs to normalize: the location-aware fit, and the scalar mean / std (bandit)."""
-    if responses < 1000:
-        say(f"warning: the normalizer rests on only {responses} responses")
-    return {
-        "normalizer": list(fit_location_normalizer(positions, rewards)),
-        "min_position": positions.min().item(),
-        "mean": scores.mean().item(),
-        "std": scores.std().item(),
-        "norm_samples": responses,
-    }
-
-
 def fit_normalizer(args, accelerator, model, pad_id, threshold, split):
     """The location-aware normalizer from (the first --norm-samples of) the training pairs, the
     bandit's mean and std from the held-out ones, as the authors fit them; and the positions and
@@ -660,7 +708,12 @@ def fit_normalizer(args, accelerator, model, pad_id, threshold, split):
 
     positions, rewards, _ = collect(split["train"].select(range(n)))
     scores = collect(split["test"])[2]
-    return normalizer_settings(positions, rewards, scores, 2 * n), positions, rewards
+    if 2 * n < 1000:
+        say(f"warning: the normalizer rests on only {2 * n} responses")
+    fitted = {"normalizer": list(fit_location_normalizer(positions, rewards))}
+    fitted.update(min_position=positions.min().item(), norm_samples=2 * n)
+    fitted.update(mean=scores.mean().item(), std=scores.std().item())  # the bandit's
+    return fitted, positions, rewards
 
 
 def save_reward_model(args, accelerator, model, tokenizer, model_path, split):
@@ -693,10 +746,8 @@ def fit_norm(args):
     # the training pairs, the bandit's mean / std from the held-out ones, as train-rm fits them.
     split = ds.train_test_split(test_size=args.eval_size, seed=args.seed)
     n = min(args.norm_samples or len(split["train"]), len(split["train"]))
-    say(
-        f"fit-norm: the normalizer from {n} training pairs, the mean / std from {args.eval_size}"
-        f" held-out pairs (train-rm's split: --eval-size {args.eval_size}, --seed {args.seed})"
-    )
+    pairs = f"{n} training pairs, the mean / std from {args.eval_size} held-out pairs"
+    say(f"fit-norm: the normalizer from {pairs} (train-rm's split: same --eval-size and --seed)")
     in_place = os.path.realpath(args.output_dir) == os.path.realpath(args.reward_model)
     if done := start_run(args, "fit-norm", accelerator, inputs[: 2 if in_place else 3], in_place):
         return done
@@ -779,11 +830,8 @@ def ppo(args):
     after = evaluate_policy(models, eval_loader, args, settings)
     save_model(accelerator, policy, tokenizer, args.output_dir)
     keys = ("reward",) if args.dataset else ("reward", "toy_score", "flawed_rate")
-    result = {
-        f"{k}_{when}": round(d[k], 4)
-        for k in keys
-        for when, d in (("before", before), ("after", after))
-    }
+    pairs = (("before", before), ("after", after))
+    result = {f"{k}_{when}": round(d[k], 4) for k in keys for when, d in pairs}
     result.update(kl=round(metrics["ppo/kl"], 4), reward_mode=args.reward_mode)
     return finish_run(args, accelerator, {**result, "output_dir": RUN["given"]})
 
@@ -799,22 +847,22 @@ def prompt_batches(accelerator, loader, first, steps):
         yield step, next(batches)
 
 
+def cat_padded(tensors):
+    """Concatenate rollout chunks along the batch, right-padding (B, T) tensors with 0."""
+    if tensors[0].dim() == 1:
+        return torch.cat(tensors)
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([F.pad(t, (0, width - t.shape[1])) for t in tensors])
+
+
 @torch.no_grad()
 def generate(policy, prompt_ids, prompt_mask, args, stop_ids, pad_id):
     """Sample responses. Returns prompt + response ids (`seq`) and mask (`attn`), the (B, R)
     `response`, its `mask` up to and including the first stop token, that `stop` token, and
     whether each row `stopped` at all."""
-    out = unwrap(policy).generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        do_sample=True,
-        top_k=0,
-        top_p=args.top_p,
-        temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens,
-        eos_token_id=stop_ids,
-        pad_token_id=pad_id,
-    )
+    sampling = dict(do_sample=True, top_k=0, top_p=args.top_p, temperature=args.temperature)
+    limits = dict(max_new_tokens=args.max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id)
+    out = unwrap(policy).generate(prompt_ids, attention_mask=prompt_mask, **sampling, **limits)
     response = out[:, prompt_ids.shape[1] :]
     is_stop = torch.isin(response, torch.tensor(stop_ids, device=response.device))
     # Implementation detail: everything after the first stop token is masked (padding or junk).
@@ -933,7 +981,8 @@ def evaluate_policy(models, eval_loader, args, settings):
 
 def ppo_data(args):
     """The reward model's settings, the accelerator, the tokenizer and the prompt loaders."""
-    settings = ensure_reward_model(args)
+    settings = load_rm_settings(toy_model(args.reward_model))  # the toy's is trained on first use
+    resolve_reward(args, settings)
     accelerator = make_accelerator(args)
     tokenizer = load_tokenizer(reference_model(args, settings))
     tokenizer.padding_side = "left"  # Implementation detail: batched generation pads on the left
@@ -1071,17 +1120,9 @@ def sft_loader(args, tokenizer):
 
 
 def segment_rewards(reward_model, conversations, model="", batch_size=16):
-    """Segments and segment rewards of responses under a saved reward model, e.g.
-
-        from segment_rlhf import segment_rewards
-        answer = ("Name 6 fruits.", "Fruits: apple, fig, kiwi, lemon, mango, plum.")
-        out = segment_rewards("runs/toy-rm", [answer])
-        out[0]["segments"], out[0]["rewards"], out[0]["score"]
-
-    conversations: (prompt, response) pairs or message lists ending with the assistant's turn.
-    The score is the mean segment reward, what the model learned to rank by; the pooled logit
-    of AutoModelForSequenceClassification reads one position and is not it. `model`: the
-    reference model, when the one recorded in the settings has moved."""
+    """Segments, segment rewards and score (their mean, what the model ranks by; not the pooled
+    logit of AutoModelForSequenceClassification) of (prompt, response) pairs or conversations
+    ending with the assistant's turn. `model`: the reference model, if the recorded one moved."""
     settings = load_rm_settings(reward_model)
     tokenizer, ref, rm = load_scorers(model or settings["reference_model"], reward_model)
     rows = [
@@ -1342,6 +1383,13 @@ def toy_score(prompt, response):
     return counts[0] / counts[1] if counts else 0.0
 
 
+def toy_scores(tokenizer, prompts, sample):
+    """The exact toy score of each sampled response: its tokens up to its stop token."""
+    rows = zip(sample["response"], sample["mask"].bool() & ~sample["stop"])
+    texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in rows]
+    return [toy_score(p, t) for p, t in zip(prompts, texts)]
+
+
 def toy_flaws(prompt, response):
     """Flaws of an answer, max(asked, given) - correct summed over the lists: a wrong item, a
     repeat, one too many and one too few each count one; inf if malformed."""
@@ -1442,20 +1490,12 @@ def build_toy_tokenizer(lists=1):
 
 def build_toy_model(tokenizer):
     """A ~0.8M-parameter Llama from a config: no download."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
+    sizes = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4)
+    sizes.update(num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True)
+    ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(tokenizer), bos_token_id=None, **sizes, **ids)
     )
-    return LlamaForCausalLM(config)
 
 
 def toy_model(path):
@@ -1481,7 +1521,7 @@ def toy_model(path):
 
 # ----------------------------------------------------------------------------------------------
 # Plumbing from here on. Data: preference and prompt datasets in TRL's layouts, chat template,
-# end token appended, lengths checked, reference entropies cached.
+# end token appended, lengths checked.
 
 
 def fail(msg):
@@ -1512,20 +1552,16 @@ def load_rows(name, split="train"):
 
 
 def split_pair(row, tokenizer, i):
-    """(prompt, chosen, rejected) of a preference row in any of TRL's layouts. Conversations go
-    through TRL's maybe_extract_prompt, which also takes the prompt out of rows that carry it
-    twice (UltraFeedback: a `prompt` string and whole conversations). For full texts (standard
-    implicit) TRL cuts at the first differing character, which can split a word ("k|iwi") and so
-    move the tokens a segment is read at: the cut goes back to the last whitespace instead."""
+    """(prompt, chosen, rejected) of a row in any of TRL's layouts; conversations through TRL's
+    maybe_extract_prompt (which also undoubles UltraFeedback's prompt). Full texts: TRL cuts at the
+    first differing character, which can split a word ("k|iwi"): here it backs up to a space."""
     chosen, rejected = row["chosen"], row["rejected"]
     if isinstance(chosen, str) and isinstance(rejected, str) and row.get("prompt") is None:
         shared = os.path.commonprefix([chosen, rejected])
         prompt = shared[: max(shared.rfind(" "), shared.rfind("\n"), 0)]
         return prompt, chosen[len(prompt) :], rejected[len(prompt) :]
     if isinstance(chosen, list) and isinstance(rejected, list) and chosen and rejected:
-        row = maybe_extract_prompt(
-            {k: row[k] for k in ("prompt", "chosen", "rejected") if k in row}
-        )
+        row = maybe_extract_prompt(row)
     prompt, chosen = split_conversation(row, "chosen", tokenizer, i)
     other, rejected = split_conversation(row, "rejected", tokenizer, i)
     if other != prompt:  # a pair compares two answers to one prompt
@@ -1534,9 +1570,7 @@ def split_pair(row, tokenizer, i):
 
 
 def split_conversation(row, key, tokenizer, index=0):
-    """(prompt, response text) of a row: standard (`prompt` and `key` strings) or conversational
-    (`key` holds the assistant's turn, after a `prompt` message list, or a whole conversation
-    that ends with it)."""
+    """(prompt, response): `key` a string, or the assistant's last turn (after `prompt`, if any)."""
     value, where = row[key], f"row {index}, column {key!r}"
     earlier, response = [], value
     if isinstance(value, list):
@@ -1552,8 +1586,7 @@ ROLE = ("role", "content")  # what every turn of a conversation holds
 
 
 def as_messages(prompt, tokenizer, where, earlier=()):
-    """A prompt as messages (a string becomes one user turn, earlier turns follow), or as the
-    text itself when it already ends with the chat template's assistant header."""
+    """A prompt as messages (a string: one user turn), or as text if it ends in the assistant's."""
     header = assistant_header(tokenizer)
     if isinstance(prompt, str) and header and prompt.rstrip().endswith(header):
         return prompt
@@ -1580,10 +1613,9 @@ def assistant_header(tokenizer):
 
 def check_columns(ds, keys):
     """Explicit layouts need `prompt` + keys; conversational and implicit pairs need only keys."""
-    missing = [k for k in keys if k not in ds.column_names]
-    implicit = keys == ["chosen", "rejected"] or isinstance(ds[0][keys[0]], list)
-    if missing or ("prompt" not in ds.column_names and not implicit):
-        found = ds.column_names
+    found = ds.column_names
+    explicit = "prompt" in found or keys == ["chosen", "rejected"]  # or implicit
+    if set(keys) - set(found) or not (explicit or isinstance(ds[0][keys[0]], list)):
         fail(f"dataset needs columns {['prompt', *keys]} (or conversational {keys}); found {found}")
 
 
@@ -1609,8 +1641,7 @@ def end_token_id(tokenizer, end_token=""):
 
 
 def pad_right(seqs, value):
-    """List of id lists -> (B, T) tensor, right-padded."""
-    width = max(len(s) for s in seqs)
+    width = max(len(s) for s in seqs)  # id lists -> a (B, T) tensor, right-padded
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs])
 
 
@@ -1661,74 +1692,10 @@ def rm_pairs(args, tokenizer):
     return ds
 
 
-@torch.no_grad()
-def reference_entropy(ref_model, input_ids, attention_mask, batch_size=64):
-    """(N, T) entropies of the frozen reference model, one no-grad forward per example."""
-    chunks = zip(input_ids.split(batch_size), attention_mask.split(batch_size))
-    entropies = [token_entropy(forward(ref_model, i, m).logits) for i, m in chunks]
-    return torch.cat(entropies) * attention_mask
-
-
-def add_entropies_batch(rows, ref_model, pad_id, device):
-    """datasets.map body: the reference entropy at every response token of chosen and rejected."""
-    out = {}
-    for key in ("chosen", "rejected"):
-        seqs = [p + r for p, r in zip(rows["prompt_ids"], rows[f"{key}_ids"])]
-        ids, mask = pad_right(seqs, pad_id).to(device), pad_right([[1] * len(s) for s in seqs], 0)
-        ent = reference_entropy(ref_model, ids, mask.to(device))
-        spans = zip(ent.cpu(), rows["prompt_ids"], seqs)
-        out[f"{key}_entropy"] = [e[len(p) : len(s)].tolist() for e, p, s in spans]
-    return out
-
-
-def add_entropies(ds, args, accelerator, model_path, tokenizer):
-    """Reference entropies for every pair, cached on disk: segmentation depends only on the
-    frozen reference model, so it costs one forward per example for the whole run. The cache is
-    keyed on what it depends on: the encoded data and the reference model's weights."""
-    key = json.dumps([ds._fingerprint, stamp(model_path)])
-    name = f"entropy-{hashlib.sha1(key.encode()).hexdigest()[:16]}.arrow"
-    cache = os.path.join(cache_dir("entropy", [model_path, args.dataset]), name)
-    with accelerator.main_process_first():  # the main process computes, the others read its file
-        pad, device, ref = tokenizer.pad_token_id, accelerator.device, None
-        if not os.path.exists(cache):  # a cache hit loads no reference model
-            ref = load_model(model_path, "causal", args.bf16).eval().to(device)
-        cached = dict(cache_file_name=cache, new_fingerprint=name, desc="reference entropies")
-        return ds.map(
-            lambda rows: add_entropies_batch(rows, ref, pad, device),
-            batched=True,
-            batch_size=64,
-            **cached,
-        )
-
-
-def pair_collate(pad_id, bandit):
-    """Chosen rows then rejected rows in one (2B, T) batch. Content = the response minus its end
-    token, except for the bandit, whose one segment is read at the end token itself."""
-
-    def collate(rows):
-        prompts = [r["prompt_ids"] for r in rows] * 2
-        responses = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
-        seqs = [p + r for p, r in zip(prompts, responses)]
-        start = torch.tensor([len(p) for p in prompts])[:, None]
-        stop = torch.tensor([len(s) for s in seqs])[:, None] - (0 if bandit else 1)
-        pos = torch.arange(max(len(s) for s in seqs))
-        batch = {
-            "input_ids": pad_right(seqs, pad_id),
-            "content_mask": (pos >= start) & (pos < stop),
-            "attention_mask": pad_right([[1] * len(s) for s in seqs], 0),
-        }
-        batch["entropy"] = torch.zeros(batch["input_ids"].shape)  # bandit: not needed
-        if "chosen_entropy" in rows[0]:
-            ents = [r["chosen_entropy"] for r in rows] + [r["rejected_entropy"] for r in rows]
-            batch["entropy"] = pad_right([[0.0] * len(p) + e for p, e in zip(prompts, ents)], 0.0)
-        return batch
-
-    return collate
-
-
 def prompt_splits(args, tokenizer):
     """Prompts (ids, and the last user turn as text), the last --eval-prompts held out: a `prompt`
     column (text or messages), or a conversation (`chosen` / `messages`) minus its answer."""
+    need = "a 'prompt' column or a conversational 'chosen' / 'messages'"
     if args.dataset:
         ds = load_rows(args.dataset)
     else:  # toy: training prompts follow --seed; the held-out ones are the same for every seed
@@ -1737,10 +1704,7 @@ def prompt_splits(args, tokenizer):
         ds = datasets.Dataset.from_list(rows + held_out)
     key = next((k for k in ("prompt", "chosen", "messages") if k in ds.column_names), None)
     if key is None:
-        fail(
-            f"prompt dataset needs a 'prompt' column or a conversational 'chosen' / 'messages'; "
-            f"found {ds.column_names}"
-        )
+        fail(f"prompt dataset needs {need}; found {ds.column_names}")
 
     def encode_prompt(row, i):
         value, where = row[key], f"row {i}, column {key!r}"
@@ -1755,32 +1719,14 @@ def prompt_splits(args, tokenizer):
 
     ds = ds.map(encode_prompt, with_indices=True, remove_columns=ds.column_names)
     if len(ds) <= args.eval_prompts + args.batch_size:
-        fail(
-            f"{len(ds)} prompts: need more than --eval-prompts ({args.eval_prompts}) + "
-            f"--batch-size ({args.batch_size})"
-        )
+        sizes = f"--eval-prompts + --batch-size ({args.eval_prompts} + {args.batch_size})"
+        fail(f"{len(ds)} prompts: need more than {sizes}")
     n_train = len(ds) - args.eval_prompts
     return ds.select(range(n_train)), ds.select(range(n_train, len(ds)))
 
 
-def cat_padded(tensors):
-    """Concatenate rollout chunks along the batch, right-padding (B, T) tensors with 0."""
-    if tensors[0].dim() == 1:
-        return torch.cat(tensors)
-    width = max(t.shape[1] for t in tensors)
-    return torch.cat([F.pad(t, (0, width - t.shape[1])) for t in tensors])
-
-
-def toy_scores(tokenizer, prompts, sample):
-    """The exact toy score of each sampled response: its tokens up to its stop token."""
-    rows = zip(sample["response"], sample["mask"].bool() & ~sample["stop"])
-    texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in rows]
-    return [toy_score(p, t) for p, t in zip(prompts, texts)]
-
-
 # ----------------------------------------------------------------------------------------------
-# Models: loading (each folder checked as it loads), forward with position ids, LoRA, optimizer,
-# saving.
+# Models: loading (each folder checked as it loads), forward, LoRA, optimizer, saving.
 
 
 def is_hub_id(path):
@@ -1789,8 +1735,7 @@ def is_hub_id(path):
 
 
 def model_folder(path):
-    """A model directory or hub id as it is; a .gguf file converted once into a plain folder
-    (benchmarks/extras.py: gguf_folder)."""
+    """A model directory or hub id as it is; a .gguf file converted once into a plain folder."""
     if path.endswith(".gguf") and os.path.isfile(path):
         from benchmarks.extras import gguf_folder  # converted on first use, into the cache
 
@@ -1841,8 +1786,7 @@ def load_model(path, kind="causal", bf16=False):
     loose = {*info["missing_keys"], *info["unexpected_keys"]} - {"score.weight", "lm_head.weight"}
     if body := sorted(k for k in loose if "head" not in k):
         fail(
-            f"model {path}: its config.json and weights disagree ({len(body)} weights missing "
-            f"or unused, e.g. {body[0]})"
+            f"model {path}: config.json and weights disagree ({len(body)} weights, e.g. {body[0]})"
         )
     for name, saved, needed in info["mismatched_keys"]:
         fail(f"model {path}: {name} has shape {list(saved)}, the model needs {list(needed)}")
@@ -1859,8 +1803,7 @@ def load_model(path, kind="causal", bf16=False):
 
 
 def load_scorers(ref_path, rm_path, bf16=False, with_ref=True):
-    """The tokenizer, the frozen reference model (with_ref) and the frozen reward model (none
-    for an empty rm_path), which must share one tokenizer: else the rewards are garbage."""
+    """Tokenizer, frozen reference (with_ref) and reward model (if rm_path), of one tokenizer."""
     tokenizer = load_tokenizer(ref_path)
     if rm_path and load_tokenizer(rm_path).get_vocab() != tokenizer.get_vocab():
         fail(f"the reward model {rm_path} and the model {ref_path} use different tokenizers")
@@ -1870,8 +1813,7 @@ def load_scorers(ref_path, rm_path, bf16=False, with_ref=True):
 
 
 def forward(model, input_ids, attention_mask, **kwargs):
-    """One forward with position ids from the attention mask, so left- and right-padded rows
-    agree; no KV cache (training and scoring never reuse it)."""
+    """A forward, position ids from the mask (left- and right-padded rows agree), no KV cache."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     return model(**inputs, use_cache=False, **kwargs)
@@ -1883,8 +1825,7 @@ def unwrap(model):
 
 
 def trainable(model, args, kind):
-    """Gradient checkpointing and LoRA adapters (peft) when asked for. LoRA on a value model also
-    trains its scalar head (peft's SEQ_CLS task keeps `score` trainable)."""
+    """Gradient checkpointing and LoRA (peft) if asked; peft's SEQ_CLS trains the `score` head."""
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_rank:
@@ -1903,8 +1844,7 @@ def trainable(model, args, kind):
 
 
 def make_optimizer(model, args, total_steps):
-    """AdamW with the paper's betas (0.9, 0.95), linear warm-up, then cosine decay to
-    --min-lr-ratio x --lr."""
+    """AdamW, the paper's betas (0.9, 0.95); linear warm-up, cosine decay to --min-lr-ratio x lr."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup, floor = math.ceil(args.warmup_ratio * total_steps), {"min_lr_rate": args.min_lr_ratio}
@@ -1915,8 +1855,7 @@ def make_optimizer(model, args, total_steps):
 
 
 def save_model(accelerator, model, tokenizer, output_dir):
-    """save_pretrained output, which loads with the standard Auto classes; written aside, then
-    moved in, so a failed save (disk full) leaves no half-written weights."""
+    """save_pretrained (what the Auto classes load) into model.tmp, then moved in: never half."""
     state_dict = accelerator.get_state_dict(model)  # every process: FSDP gathers its shards here
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model)
@@ -1946,28 +1885,18 @@ def make_accelerator(args):
         fail("--bf16: this GPU has no bf16 support; drop --bf16")
     # --batch-size is global (split_batches). The data order is a function of (seed, epoch), so a
     # resumed run sees the same batches. cpu=True without a GPU lets torchrun run DDP over gloo.
-    data = DataLoaderConfiguration(
-        split_batches=True, use_seedable_sampler=True, data_seed=args.seed
-    )
-
-    precision = "bf16" if args.bf16 else "no"
-    accelerator = Accelerator(
-        mixed_precision=precision,
-        dataloader_config=data,
-        cpu=not torch.cuda.is_available(),
-        gradient_accumulation_steps=args.grad_accum,
-    )
+    data = dict(split_batches=True, use_seedable_sampler=True, data_seed=args.seed)
+    sizes = dict(gradient_accumulation_steps=args.grad_accum, cpu=not torch.cuda.is_available())
+    precision, config = "bf16" if args.bf16 else "no", DataLoaderConfiguration(**data)
+    accelerator = Accelerator(mixed_precision=precision, dataloader_config=config, **sizes)
     set_seed(args.seed)
     return accelerator
 
 
 def reduce_dict(accelerator, values, op):
-    """{name: scalar tensor or number} -> {name: float}, summed or averaged over processes in
-    one collective call (one host sync)."""
-    device = accelerator.device
-    stacked = torch.stack(
-        [torch.as_tensor(v, dtype=torch.float, device=device) for v in values.values()]
-    )
+    """{name: tensor or number} -> {name: float}, over the processes in one call (one host sync)."""
+    as_float = functools.partial(torch.as_tensor, dtype=torch.float, device=accelerator.device)
+    stacked = torch.stack([as_float(v) for v in values.values()])
     return dict(zip(values, accelerator.reduce(stacked, op).tolist()))
 
 
@@ -2010,10 +1939,10 @@ def output_path(path, inputs, flag, kind="file"):
 
 
 def start_run(args, command, accelerator, inputs, in_place=False):
-    """Claim --output-dir, checking everything before anything is written. Writes go to OUT
-    itself when it is new or resumed, else to OUT.incomplete, which takes OUT's place once the
-    run is complete (finish_run). Returns the saved result, and does nothing else, when OUT
-    holds this very run (same flags, same inputs), finished. in_place: fit-norm's own folder."""
+    """Claim --output-dir, everything checked before anything is written. A new or resumed run
+    writes OUT itself, else OUT.incomplete, which takes OUT's place when done (finish_run). OUT
+    holding this very run, finished: its result, nothing else. in_place: fit-norm's own folder."""
+
     final = output_path(args.output_dir, [] if in_place else inputs, "--output-dir", "folder")
     staged, aside = final + ".incomplete", final + ".replaced"
     for path in (staged, aside):  # what a run writes beside OUT, by the same rule
@@ -2069,28 +1998,20 @@ def run_mode(path, record, args):
     if not os.path.isdir(path) or not os.listdir(path):
         return "new"
     if not os.path.isfile(os.path.join(path, "args.json")):
-        fail(
-            f"{path} is not empty and was not written by segment_rlhf.py; pass another --output-dir"
-        )
+        fail(f"{path} is not empty, was not written by segment_rlhf.py: pass another --output-dir")
     old = read_json(os.path.join(path, "args.json"), "run settings")
     if old != record and args.resume:
         keys = [k for k in {**record, **old} if k != "inputs" and old.get(k) != record.get(k)]
         flags = [f"--{k.replace('_', '-')} {record.get(k)} (was {old.get(k)})" for k in keys]
         was, now = old.get("inputs", {}), record["inputs"]
         flags += [f"{p} changed" for p in {**was, **now} if was.get(p) != now.get(p)]
-        fail(
-            f"--resume: {path} was written with other flags or inputs: {', '.join(flags)}; "
-            "rerun with its flags and inputs"
-        )
+        fail(f"--resume: {path} differs: {', '.join(flags)}; rerun with its flags and inputs")
     if old != record and not args.overwrite:
         fail(f"{path} holds a different run; pass --overwrite or another --output-dir")
     if old == record and os.path.isfile(os.path.join(path, "result.json")) and not args.overwrite:
         return "finished"
     if checkpoints(path) and not args.overwrite and not args.resume:
-        fail(
-            f"{path} holds checkpoints of an unfinished run; pass --resume to continue, or "
-            "--overwrite to start again"
-        )
+        fail(f"{path} holds checkpoints; pass --resume to continue, or --overwrite to start again")
     return "resume" if args.resume else "replace"
 
 
@@ -2114,8 +2035,7 @@ def finish_run(args, accelerator, result):
 
 
 def close_run():
-    """After a run, finished or not: a directory it created goes unless a checkpoint can resume
-    it, and the lock is released."""
+    """After any run: a directory it created goes (unless a checkpoint can resume it); unlocked."""
     if RUN.get("created") and not checkpoints(RUN["work"]):
         shutil.rmtree(RUN["work"], ignore_errors=True)
     if "lock" in RUN:
@@ -2173,10 +2093,8 @@ def checkpoints(output_dir):
 
 
 def save_checkpoint(accelerator, args, state):
-    """Models, optimizers, schedulers and RNG states (accelerate's save_state) plus `state` (step,
-    data position, ...), written to checkpoint-N.tmp and renamed: a crash never leaves half a
-    checkpoint. Only the newest is kept, the older deleted once it is complete (accelerate's own
-    rotation, total_limit, deletes the old one before writing the new)."""
+    """accelerate's save_state (models, optimizers, RNG) plus `state`, into checkpoint-N.tmp, then
+    renamed; the older ones deleted after (accelerate's total_limit deletes them before)."""
     path = os.path.join(args.output_dir, f"checkpoint-{state['step']}")
     try:
         accelerator.save_state(path + ".tmp")
@@ -2210,10 +2128,8 @@ def load_checkpoint(accelerator, args):
         fail(f"checkpoint {path} is damaged ({first_line(e)}); remove it to resume from none")
     if accelerator.is_main_process:
         metrics = os.path.join(args.output_dir, "metrics.jsonl")
-        with open(metrics) as f:
-            kept = f.readlines()[:rows]
-        with open(metrics, "w") as f:
-            f.writelines(kept)
+        with open(metrics) as f, atomic(metrics) as tmp, open(tmp, "w") as out:
+            out.writelines(f.readlines()[:rows])
     say(f"resumed from {path}")
     return state
 
@@ -2248,10 +2164,8 @@ PAPER_MODELS = {
         recipe={"segment": {"end_penalty": -0.05}},
         segment=(0.8345, 0.4780, 0.8798, 3.7358), token=(1.6268, 0.6254, 0.6419, 4.9217),
         bandit=(-0.8281, 2.9375)),
-    # Not from the paper: its recipe sized for one small GPU or a patient CPU. No released reward
-    # model: `train-rm --preset smollm2-135m` writes the one that `ppo --preset` reads. c = 3.0
-    # gives this model phrase-length segments (docs/smollm2.md); learning rates
-    # scaled up for a 135M model, not tuned.
+    # Not from the paper: sized for one small GPU, no released reward model (train-rm --preset
+    # writes it). c = 3.0: phrase-length segments (docs/smollm2.md); learning rates not tuned.
     "smollm2-135m": dict(
         model="HuggingFaceTB/SmolLM2-135M-Instruct", c=3.0, end_token="<|im_end|>", episodes=1,
         rm=None, recipe={}, rm_sizes=dict(lr=1e-5, batch_size=64, max_len=1024, max_prompt_len=768),
@@ -2300,10 +2214,8 @@ def released_rm_settings(path):
             named = local and os.path.basename(os.path.normpath(path)) == repo.split("/")[1]
             if path != repo and not named and not snapshot:
                 continue
-            settings = dict(
-                entropy_threshold=c, reference_model=m["model"], end_token=m["end_token"]
-            )
-            settings.update(zip(("mean", "std"), m["bandit"]))
+            settings = dict(zip(("mean", "std"), m["bandit"]), entropy_threshold=c)
+            settings.update(reference_model=m["model"], end_token=m["end_token"])
             if kind != "bandit":
                 settings["normalizer"] = list(m[kind])
             config = read_json(os.path.join(path, "config.json"), "model config") if local else {}
@@ -2317,10 +2229,8 @@ def load_rm_settings(path):
     file = os.path.join(path, "config.json")
     config = read_json(file, "model config") if os.path.isfile(file) else {}
     if "segment_rlhf" not in config:
-        return released_rm_settings(path) or fail(
-            f"reward model {path!r} has no segment_rlhf settings in its config.json; train it "
-            "with train-rm or use --preset"
-        )
+        why = "has no segment_rlhf settings in its config.json: train it with train-rm, or --preset"
+        return released_rm_settings(path) or fail(f"reward model {path!r} {why}")
     if not isinstance(stored := config["segment_rlhf"], dict):
         fail(f"{file}: segment_rlhf must hold the settings object; retrain with train-rm")
     needed = ("entropy_threshold", "reference_model", "end_token")
@@ -2344,10 +2254,8 @@ def load_rm_settings(path):
 
 
 def write_rm_settings(rm_dir, settings, backup=False):
-    """The settings go into the reward model's config.json, their one home: `segment_rlhf`, with
-    mean / std at the top level, as OpenRLHF writes them. A local reference model is stored
-    relative to the reward model, so a folder holding both can move (and by its absolute path,
-    for a reward model copied elsewhere alone)."""
+    """Into config.json, their one home: `segment_rlhf`, mean / std at the top level (OpenRLHF's);
+    a local reference model relative to the reward model, and absolute (a copied RM alone)."""
     settings = dict(settings)
     mean, std = settings.pop("mean"), settings.pop("std")
     ref = settings["reference_model"]
@@ -2366,10 +2274,7 @@ def reference_model(args, settings):
     """--model, else the reward model's reference model, which must be where it was."""
     path = args.model or settings["reference_model"]
     if not args.model and os.path.isabs(path) and not os.path.isdir(path):
-        fail(
-            f"the reference model {path} of reward model {args.reward_model} is not there "
-            "(moved?); pass its new place with --model"
-        )
+        fail(f"the reference model {path} of reward model {args.reward_model} moved; pass --model")
     return path
 
 
@@ -2393,22 +2298,15 @@ def planned_rm_settings(args):
 
 
 def resolve_reward(args, settings):
-    """Reward mode (from the reward model's cutoff unless given), value clip and the preset's
-    reward tweaks, checked."""
+    """Reward mode (the reward model's cutoff's unless given), value clip, the preset's tweaks."""
     c = settings["entropy_threshold"]
     trained = "bandit" if math.isinf(c) else "token" if c == 0 else "segment"
     args.reward_mode = args.reward_mode or trained
     # Each mode's normalizer belongs to its cutoff: a segment one applied per token is wrong.
     if args.reward_mode != trained:
-        fail(
-            f"--reward-mode {args.reward_mode} does not fit a reward model trained with entropy "
-            f"threshold {c}"
-        )
+        fail(f"--reward-mode {args.reward_mode} does not fit a reward model trained at c = {c}")
     if args.location_norm and "normalizer" not in settings and args.reward_mode != "bandit":
-        fail(
-            f"{args.reward_model} has no fitted normalizer: run fit-norm on it, or pass "
-            "--no-location-norm"
-        )
+        fail(f"{args.reward_model} has no fitted normalizer: run fit-norm, or --no-location-norm")
     if args.value_clip is None:
         args.value_clip = 0.2 if args.reward_mode == "bandit" else 0.25  # the paper's values
     recipe = PAPER_MODELS.get(args.preset, {"recipe": {}})["recipe"].get(args.reward_mode, {})
@@ -2416,13 +2314,6 @@ def resolve_reward(args, settings):
         args.length_norm = recipe.get("length_norm", False)
     if args.end_penalty is None:
         args.end_penalty = recipe.get("end_penalty")
-
-
-def ensure_reward_model(args):
-    """The reward model's settings; the toy reward model is trained on first use."""
-    settings = load_rm_settings(toy_model(args.reward_model))
-    resolve_reward(args, settings)
-    return settings
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2458,15 +2349,13 @@ def parse_args(argv=None):
         subparsers[ns.command].set_defaults(**preset_defaults(ns.preset, ns.command))
         ns = parser.parse_args(argv)
     cls = COMMANDS[ns.command][0]
-    return ns.command, cls(
-        **{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init}
-    )
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init}
+    return ns.command, cls(**values)
 
 
 def resolve(command, args):
-    """Every derived setting, once, right after parsing, with its checks: the ranges of the
-    numbers, the output directory, rows per process per forward, and for ppo the reward model,
-    reward mode and value clip."""
+    """Derived settings and their checks, once, after parsing: number ranges, output directory,
+    rows per process per forward; for ppo the reward model, its mode and the value clip."""
     for bounds, names in BOUNDS.items():
         lo, hi = (float(x) for x in bounds[1:-1].split(", "))
         for name in names.split():
@@ -2479,10 +2368,8 @@ def resolve(command, args):
     if args.max_prompt_len >= args.max_len:
         fail(f"--max-prompt-len ({args.max_prompt_len}) must be below --max-len ({args.max_len})")
     if command == "ppo" and args.max_prompt_len + args.max_new_tokens > args.max_len:
-        fail(
-            f"--max-prompt-len + --max-new-tokens ({args.max_prompt_len} + {args.max_new_tokens})"
-            f" must not exceed --max-len ({args.max_len})"
-        )
+        sizes = f"({args.max_prompt_len} + {args.max_new_tokens} > {args.max_len})"
+        fail(f"--max-prompt-len + --max-new-tokens must not exceed --max-len {sizes}")
     if args.resume and args.overwrite:
         fail("--resume continues a run and --overwrite starts it again: pass one of them")
     if command == "fit-norm":  # in place unless --output-dir
@@ -2493,18 +2380,13 @@ def resolve(command, args):
             fail(f"{name}={os.environ[name]!r} in the environment must be a whole number")
     world = os.environ.get("WORLD_SIZE", "1")
     per_step = args.grad_accum * int(world)
+    split = f"--grad-accum x processes ({args.grad_accum} x {world})"
     if args.batch_size % per_step:
-        fail(
-            f"--batch-size {args.batch_size} must be a multiple of --grad-accum x processes "
-            f"({args.grad_accum} x {world})"
-        )
+        fail(f"--batch-size {args.batch_size} must be a multiple of {split}")
     args.micro_batch = args.batch_size // per_step
     if command == "ppo":
         if args.mini_batch_size % per_step or args.batch_size % args.mini_batch_size:
-            fail(
-                f"--mini-batch-size {args.mini_batch_size} must divide --batch-size and split "
-                "over --grad-accum x processes"
-            )
+            fail(f"--mini-batch-size must divide --batch-size and be a multiple of {split}")
         args.micro_batch = args.mini_batch_size // per_step
         if not args.reward_model and args.model:
             fail("--reward-model is required with --model")
@@ -2526,9 +2408,8 @@ def interrupt(signum, frame):
 
 
 def interruption(e):
-    """The Ctrl-C or SIGTERM behind an exception, if any: one that lands inside a torch context
-    manager comes out as RuntimeError("trying to pop from empty mode stack"), with the interrupt
-    as its context."""
+    """The Ctrl-C or SIGTERM behind an exception: one inside a torch context manager comes out as
+    RuntimeError("trying to pop from empty mode stack"), with the interrupt as its context."""
     while e is not None and not isinstance(e, KeyboardInterrupt):
         e = e.__cause__ or e.__context__
     return e
@@ -2536,10 +2417,8 @@ def interruption(e):
 
 def main(argv=None):
     command, previous = None, signal.signal(signal.SIGTERM, interrupt)
-    # transformers reports a fresh scalar head as MISSING, which reads like an error: load_model
-    # checks the loading info itself, so that report is not shown. (A quiet modeling_utils makes
-    # transformers 5 check tensor-parallel plans, and say which layers were "not sharded" on one
-    # device: quiet too.)
+    # transformers reports a fresh scalar head as MISSING, which reads like an error (load_model
+    # checks the loading info itself); and, so quieted, which layers were "not sharded" on one GPU.
     for name in ("modeling_utils", "distributed.tensor_parallel"):
         transformers_logging.get_logger(f"transformers.{name}").setLevel("ERROR")
     try:

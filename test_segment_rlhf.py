@@ -1426,7 +1426,7 @@ def test_fit_norm_writes_only_when_done_keeps_a_backup_and_honours_output_dir(
     before = tree_hashes(rm)
     seen, entropies = [], S.add_entropies_batch  # reference forwards: 2 + 200 held out, not 2,200
     monkeypatch.setattr(
-        S, "add_entropies_batch", lambda rows, *a: seen.append(rows) or entropies(rows, *a)
+        S, "add_entropies_batch", lambda rows, **k: seen.append(rows) or entropies(rows, **k)
     )
     monkeypatch.setenv("SEGMENT_RLHF_CACHE", str(tmp_path / "cache"))
     out = S.main(["fit-norm", "--reward-model", str(rm), "--norm-samples", "2", "--output-dir",
