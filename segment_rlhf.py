@@ -559,7 +559,6 @@ def rm_setup(args, accelerator, model_path, tokenizer, ds):
     collate = pair_collate(tokenizer.pad_token_id, bandit)
     batch = args.batch_size // args.grad_accum
     # The loader gets its own generator, not the global RNG (see ppo_data).
-
     shuffled = dict(shuffle=True, generator=torch.Generator())
     train_loader = DataLoader(split["train"], batch, collate_fn=collate, **shuffled)
     eval_loader = DataLoader(split["test"], batch, collate_fn=collate)
@@ -1776,18 +1775,15 @@ def load_model(path, kind="causal", bf16=False):
             if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
                 setattr(config, key, 0.0)
         dtype = torch.bfloat16 if bf16 else torch.float32
-        model, info = auto.from_pretrained(
-            path, config=config, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
-        )
+        load = dict(output_loading_info=True, ignore_mismatched_sizes=True)
+        model, info = auto.from_pretrained(path, config=config, dtype=dtype, **load)
     except DAMAGED as e:
         hint = "; the weights are damaged or truncated" if isinstance(e, SafetensorError) else ""
         fail(f"could not load model {path!r}: {first_line(e)}{hint}")
     # Heads may be missing or unused by design (a fresh one, or the other kind's); no other weight.
     loose = {*info["missing_keys"], *info["unexpected_keys"]} - {"score.weight", "lm_head.weight"}
     if body := sorted(k for k in loose if "head" not in k):
-        fail(
-            f"model {path}: config.json and weights disagree ({len(body)} weights, e.g. {body[0]})"
-        )
+        fail(f"model {path}: its config.json and weights disagree, e.g. on {body[0]}")
     for name, saved, needed in info["mismatched_keys"]:
         fail(f"model {path}: {name} has shape {list(saved)}, the model needs {list(needed)}")
     if kind == "causal" and any(k.endswith("score.weight") for k in info["unexpected_keys"]):
@@ -1942,7 +1938,6 @@ def start_run(args, command, accelerator, inputs, in_place=False):
     """Claim --output-dir, everything checked before anything is written. A new or resumed run
     writes OUT itself, else OUT.incomplete, which takes OUT's place when done (finish_run). OUT
     holding this very run, finished: its result, nothing else. in_place: fit-norm's own folder."""
-
     final = output_path(args.output_dir, [] if in_place else inputs, "--output-dir", "folder")
     staged, aside = final + ".incomplete", final + ".replaced"
     for path in (staged, aside):  # what a run writes beside OUT, by the same rule
@@ -2204,34 +2199,29 @@ def preset_defaults(name, command):
 
 def released_rm_settings(path):
     """Settings of the authors' released reward models, which ship without ours: by hub id, or a
-    local copy (a folder named after the model, or its snapshot in the hub cache, as
-    huggingface_hub finds it), whose config's mean / std (OpenRLHF's) win over the table's."""
+    local copy (a folder named after it, or its snapshot in huggingface_hub's cache)."""
     for m in (m for m in PAPER_MODELS.values() if m["rm"]):
         for kind, c in (("segment", m["c"]), ("token", 0.0), ("bandit", math.inf)):
             repo, local = m["rm"].format(kind), os.path.isdir(path)
             cached = try_to_load_from_cache(repo, "config.json") if local else None
             snapshot = isinstance(cached, str) and os.path.samefile(os.path.dirname(cached), path)
             named = local and os.path.basename(os.path.normpath(path)) == repo.split("/")[1]
-            if path != repo and not named and not snapshot:
-                continue
-            settings = dict(zip(("mean", "std"), m["bandit"]), entropy_threshold=c)
-            settings.update(reference_model=m["model"], end_token=m["end_token"])
-            if kind != "bandit":
-                settings["normalizer"] = list(m[kind])
-            config = read_json(os.path.join(path, "config.json"), "model config") if local else {}
-            return {**settings, **{k: config[k] for k in ("mean", "std") if k in config}}
+            if path == repo or named or snapshot:
+                settings = dict(zip(("mean", "std"), m["bandit"]), entropy_threshold=c)
+                settings.update(reference_model=m["model"], end_token=m["end_token"])
+                return settings if kind == "bandit" else {**settings, "normalizer": list(m[kind])}
     return None
 
 
 def load_rm_settings(path):
     """Segmentation settings and normalizer of a reward model, checked once, here: `segment_rlhf`
-    in its config.json (OpenRLHF's mean / std beside it), or the released models' table."""
+    in its config.json or the released models' table; OpenRLHF's mean / std there win."""
     file = os.path.join(path, "config.json")
     config = read_json(file, "model config") if os.path.isfile(file) else {}
     if "segment_rlhf" not in config:
         why = "has no segment_rlhf settings in its config.json: train it with train-rm, or --preset"
-        return released_rm_settings(path) or fail(f"reward model {path!r} {why}")
-    if not isinstance(stored := config["segment_rlhf"], dict):
+        stored = released_rm_settings(path) or fail(f"reward model {path!r} {why}")
+    elif not isinstance(stored := config["segment_rlhf"], dict):
         fail(f"{file}: segment_rlhf must hold the settings object; retrain with train-rm")
     needed = ("entropy_threshold", "reference_model", "end_token")
     if missing := [k for k in needed if k not in stored]:
