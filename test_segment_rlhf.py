@@ -830,6 +830,10 @@ BAD_INPUT = {
         ["train-rm", "--model", "{sft}", "--dataset", "{tmp}/cols.jsonl"],
         "found ['question', 'answer']",
     ),
+    "SFT data without its columns": (
+        ["sft", "--dataset", "{tmp}/cols.jsonl"],
+        "needs columns ['prompt', 'completion']",
+    ),
     "non-string message contents": (
         ["train-rm", "--model", "{sft}", "--dataset", "{tmp}/int_prompt.jsonl"],
         "the prompt must be a string or a message list",
