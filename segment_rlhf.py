@@ -1492,9 +1492,8 @@ def build_toy_model(tokenizer):
     sizes = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4)
     sizes.update(num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True)
     ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return LlamaForCausalLM(
-        LlamaConfig(vocab_size=len(tokenizer), bos_token_id=None, **sizes, **ids)
-    )
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=None, **sizes, **ids)
+    return LlamaForCausalLM(config)
 
 
 def toy_model(path):
