@@ -2199,13 +2199,13 @@ def preset_defaults(name, command):
 def released_rm_settings(path):
     """Settings of the authors' released reward models, which ship without ours: by hub id, or a
     local copy (a folder named after it, or its snapshot in huggingface_hub's cache)."""
+    local, name = os.path.isdir(path), os.path.basename(os.path.normpath(path))
     for m in (m for m in PAPER_MODELS.values() if m["rm"]):
         for kind, c in (("segment", m["c"]), ("token", 0.0), ("bandit", math.inf)):
-            repo, local = m["rm"].format(kind), os.path.isdir(path)
+            repo = m["rm"].format(kind)
             cached = try_to_load_from_cache(repo, "config.json") if local else None
             snapshot = isinstance(cached, str) and os.path.samefile(os.path.dirname(cached), path)
-            named = local and os.path.basename(os.path.normpath(path)) == repo.split("/")[1]
-            if path == repo or named or snapshot:
+            if path == repo or local and name == repo.split("/")[1] or snapshot:
                 settings = dict(zip(("mean", "std"), m["bandit"]), entropy_threshold=c)
                 settings.update(reference_model=m["model"], end_token=m["end_token"])
                 return settings if kind == "bandit" else {**settings, "normalizer": list(m[kind])}
