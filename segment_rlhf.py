@@ -540,7 +540,13 @@ def train_rm(args):
         log_metrics(args, accelerator, metrics)
         if accelerator.is_main_process:
             bar.write(json.dumps(metrics))
-    save_reward_model(args, accelerator, model, tokenizer, model_path, split)
+    # The location-aware normalizer, fitted on the trained model; then the model and its settings.
+    c, end = args.entropy_threshold, args.end_token or tokenizer.eos_token
+    fitted = fit_normalizer(args, accelerator, model, tokenizer.pad_token_id, c, split)[0]
+    save_model(accelerator, model, tokenizer, args.output_dir)
+    settings = dict(entropy_threshold=c, reference_model=model_path, end_token=end, **fitted)
+    if accelerator.is_main_process:
+        write_rm_settings(args.output_dir, settings)
     result = {
         "eval_accuracy": round(metrics["rm/accuracy"], 4),
         "rm/loss": round(metrics["rm/loss"], 4),
@@ -652,35 +658,11 @@ def rm_forward(model, batch, threshold):
 
 
 @torch.no_grad()
-def evaluate_rm(model, loader, threshold, accelerator):
-    """Held-out accuracy, mean chosen / rejected score, segments per response and their length."""
-    model.eval()
-    sums = {"right": 0.0, "chosen": 0.0, "rejected": 0.0, "ends": 0.0, "tokens": 0.0, "pairs": 0.0}
-    for batch in loader:
-        _, ends, scores = rm_forward(model, batch, threshold)
-        chosen, rejected = scores.chunk(2)
-        sums["right"] += (chosen > rejected).float().sum()
-        sums["chosen"] += chosen.sum()
-        sums["rejected"] += rejected.sum()
-        sums["ends"] += ends.sum()
-        sums["tokens"] += batch["content_mask"].sum()
-        sums["pairs"] += len(chosen)
-    s = reduce_dict(accelerator, sums, "sum")
-    model.train()
-    return {
-        "rm/accuracy": s["right"] / s["pairs"],
-        "rm/chosen_score": s["chosen"] / s["pairs"],
-        "rm/rejected_score": s["rejected"] / s["pairs"],
-        "segment/per_response": s["ends"] / (2 * s["pairs"]),
-        "segment/mean_length": s["tokens"] / max(s["ends"], 1),
-    }
-
-
-@torch.no_grad()
 def collect_segment_rewards(model, loader, threshold, accelerator):
-    """Score every response in `loader`: 1-D segment positions and rewards, (N,) scores."""
+    """Score every pair in `loader`, over all processes: 1-D segment positions and rewards, (N, 2)
+    chosen and rejected scores, and the number of content tokens."""
     model.eval()
-    positions, rewards, scores = [], [], []
+    positions, rewards, scores, tokens = [], [], [], torch.zeros((), device=accelerator.device)
     for batch in loader:  # plain gather: gather_for_metrics would cut a 2B-row pair batch to B
         values, ends, score = rm_forward(model, batch, threshold)
         pad = accelerator.pad_across_processes
@@ -688,9 +670,24 @@ def collect_segment_rewards(model, loader, threshold, accelerator):
         val = accelerator.gather(pad(values * ends, dim=1))
         positions.append(pos[pos > 0].cpu())
         rewards.append(val[pos > 0].cpu())
-        scores.append(accelerator.gather(score).cpu())
+        scores.append(accelerator.gather(torch.stack(score.chunk(2), 1)).cpu())
+        tokens += batch["content_mask"].sum()
     model.train()
-    return torch.cat(positions), torch.cat(rewards), torch.cat(scores)
+    tokens = accelerator.reduce(tokens, "sum").item()
+    return torch.cat(positions), torch.cat(rewards), torch.cat(scores), tokens
+
+
+def evaluate_rm(model, loader, threshold, accelerator):
+    """Held-out accuracy, mean chosen / rejected score, segments per response and their length."""
+    positions, _, scores, tokens = collect_segment_rewards(model, loader, threshold, accelerator)
+    chosen, rejected = scores.unbind(1)
+    return {
+        "rm/accuracy": (chosen > rejected).float().mean().item(),
+        "rm/chosen_score": chosen.mean().item(),
+        "rm/rejected_score": rejected.mean().item(),
+        "segment/per_response": len(positions) / (2 * len(chosen)),
+        "segment/mean_length": tokens / max(len(positions), 1),
+    }
 
 
 def fit_normalizer(args, accelerator, model, pad_id, threshold, split):
@@ -705,7 +702,7 @@ def fit_normalizer(args, accelerator, model, pad_id, threshold, split):
         loader = accelerator.prepare(DataLoader(ds, batch, collate_fn=collate))
         return collect_segment_rewards(model, loader, threshold, accelerator)
 
-    positions, rewards, _ = collect(split["train"].select(range(n)))
+    positions, rewards, *_ = collect(split["train"].select(range(n)))
     scores = collect(split["test"])[2]
     if 2 * n < 1000:
         say(f"warning: the normalizer rests on only {2 * n} responses")
@@ -713,16 +710,6 @@ def fit_normalizer(args, accelerator, model, pad_id, threshold, split):
     fitted.update(min_position=positions.min().item(), norm_samples=2 * n)
     fitted.update(mean=scores.mean().item(), std=scores.std().item())  # the bandit's
     return fitted, positions, rewards
-
-
-def save_reward_model(args, accelerator, model, tokenizer, model_path, split):
-    """Fit the normalizer, then save the model and its settings."""
-    c, end = args.entropy_threshold, args.end_token or tokenizer.eos_token
-    fitted = fit_normalizer(args, accelerator, model, tokenizer.pad_token_id, c, split)[0]
-    save_model(accelerator, model, tokenizer, args.output_dir)
-    settings = dict(entropy_threshold=c, reference_model=model_path, end_token=end, **fitted)
-    if accelerator.is_main_process:
-        write_rm_settings(args.output_dir, settings)
 
 
 def fit_norm(args):
@@ -2396,14 +2383,6 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt("SIGTERM")
 
 
-def interruption(e):
-    """The Ctrl-C or SIGTERM behind an exception: one inside a torch context manager comes out as
-    RuntimeError("trying to pop from empty mode stack"), with the interrupt as its context."""
-    while e is not None and not isinstance(e, KeyboardInterrupt):
-        e = e.__cause__ or e.__context__
-    return e
-
-
 def main(argv=None):
     command, previous = None, signal.signal(signal.SIGTERM, interrupt)
     # transformers reports a fresh scalar head as MISSING, which reads like an error (load_model
@@ -2430,7 +2409,12 @@ def main(argv=None):
         except BaseException as e:
             if RUN:  # the error line on a line of its own, not glued to a progress bar
                 say()
-            raise interruption(e) or e
+            # A Ctrl-C inside a torch context manager comes out as RuntimeError("trying to pop
+            # from empty mode stack"), the interrupt as its context: that interrupt is raised.
+            cause = e
+            while cause is not None and not isinstance(cause, KeyboardInterrupt):
+                cause = cause.__cause__ or cause.__context__
+            raise cause or e
     except KeyboardInterrupt as e:  # 130 as for any SIGINT, 143 for SIGTERM
         how = f" by {e.args[0]}" if e.args else ""
         hint = "; resume with --resume" if command in ("train-rm", "ppo") else ""

@@ -70,7 +70,7 @@ def normalizer_plot(rm_dir, png):
     collate = S.pair_collate(tokenizer.pad_token_id, bandit=False)
     loader = torch.utils.data.DataLoader(ds, batch_size=64, collate_fn=collate)
     model = S.load_model(rm_dir, "value")
-    positions, rewards, _ = S.collect_segment_rewards(
+    positions, rewards, *_ = S.collect_segment_rewards(
         model, loader, settings["entropy_threshold"], accelerator
     )
     extras.plot_normalizer(png, positions, rewards, settings["normalizer"])
