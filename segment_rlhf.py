@@ -545,6 +545,7 @@ def train_rm(args):
     fitted = fit_normalizer(args, accelerator, model, tokenizer.pad_token_id, c, split)[0]
     save_model(accelerator, model, tokenizer, args.output_dir)
     settings = dict(entropy_threshold=c, reference_model=model_path, end_token=end, **fitted)
+    settings.update({} if args.dataset else {"toy_lists": args.toy_lists})  # what it answers
     if accelerator.is_main_process:
         write_rm_settings(args.output_dir, settings)
     result = {
@@ -718,6 +719,7 @@ def fit_norm(args):
     with --output-dir, into a copy of the reward model."""
     accelerator = make_accelerator(args)
     settings = load_rm_settings(args.reward_model)
+    check_toy_lists(args, settings)
     threshold = settings["entropy_threshold"]
     ref_path = reference_model(args, settings)
     # the reference model only loads if its entropies are not cached (add_entropies)
@@ -2246,6 +2248,14 @@ def write_rm_settings(rm_dir, settings, backup=False):
     write_json(file, {**config, "segment_rlhf": settings, "mean": mean, "std": std})
 
 
+def check_toy_lists(args, settings):
+    """A reward model trained on the toy scores answers of as many lists as it was trained on."""
+    lists, trained = args.toy_lists, settings.get("toy_lists", args.toy_lists)
+    if not args.dataset and trained != lists:
+        again = f"pass another --reward-model or --toy-lists {trained}"
+        fail(f"{args.reward_model} answers the toy's --toy-lists {trained}, not {lists}: {again}")
+
+
 def reference_model(args, settings):
     """--model, else the reward model's reference model, which must be where it was."""
     path = args.model or settings["reference_model"]
@@ -2266,7 +2276,8 @@ def planned_rm_settings(args):
     if has_settings(path):
         return load_rm_settings(path)
     if path in (TOY_RM, LOOK_RM):
-        return {"entropy_threshold": RMArgs.entropy_threshold, "normalizer": "fitted by train-rm"}
+        planned = {"entropy_threshold": RMArgs.entropy_threshold, "toy_lists": 1}
+        return {**planned, "normalizer": "fitted by train-rm"}
     if preset and path == preset_defaults(preset, "train-rm")["output_dir"]:
         c = PAPER_MODELS[preset]["c"]
         return {"entropy_threshold": c, "normalizer": f"fitted by train-rm --preset {preset}"}
@@ -2275,6 +2286,7 @@ def planned_rm_settings(args):
 
 def resolve_reward(args, settings):
     """Reward mode (the reward model's cutoff's unless given), value clip, the preset's tweaks."""
+    check_toy_lists(args, settings)
     c = settings["entropy_threshold"]
     trained = "bandit" if math.isinf(c) else "token" if c == 0 else "segment"
     args.reward_mode = args.reward_mode or trained
@@ -2348,12 +2360,18 @@ def resolve(command, args):
         fail(f"--max-prompt-len + --max-new-tokens must not exceed --max-len {sizes}")
     if args.resume and args.overwrite:
         fail("--resume continues a run and --overwrite starts it again: pass one of them")
+    # runs/toy-* are the one-list toy's: a longer one (--toy-lists) names its own runs and SFT
+    toy_default = not args.output_dir or command == "train-rm" and not args.model
+    need = "--output-dir and --model" if command == "train-rm" else "--output-dir"
+    if args.toy_lists > 1 and not args.dataset and command != "fit-norm" and toy_default:
+        fail(f"--toy-lists {args.toy_lists}: runs/toy-* answer one list; pass {need}")
     if command == "fit-norm":  # in place unless --output-dir
         args.output_dir = args.output_dir or args.reward_model
     args.output_dir = args.output_dir or f"runs/toy-{'rm' if command == 'train-rm' else command}"
-    for name, default in (("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):  # torchrun's, accelerate's
-        if not re.fullmatch(r"[0-9]+", os.environ.get(name, default)):
-            fail(f"{name}={os.environ[name]!r} in the environment must be a whole number")
+    for name, least in (("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):  # torchrun's, accelerate's
+        value = os.environ.get(name, str(least))
+        if not re.fullmatch(r"[0-9]+", value) or int(value) < least:
+            fail(f"{name}={value!r} in the environment must be a whole number >= {least}")
     world = os.environ.get("WORLD_SIZE", "1")
     per_step = args.grad_accum * int(world)
     split = f"--grad-accum x processes ({args.grad_accum} x {world})"

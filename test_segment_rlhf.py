@@ -1364,6 +1364,10 @@ HOSTILE["values that would run wrong"] = {
         + ["--eval-size", "1", "--resume", "--output-dir", "{tmp}/rm_data_run"],
         "{tmp}/pairs.jsonl changed",
     ),
+    "ppo on answers of more lists than its reward model's": (
+        PPO + ["--reward-model", "{rm}", "--toy-lists", "2"],
+        "answers the toy's --toy-lists 1, not 2: pass another --reward-model or --toy-lists 1",
+    ),
 }
 HOSTILE_CASES = [(kind, case) for kind in HOSTILE for case in HOSTILE[kind]]
 
@@ -1393,6 +1397,12 @@ def test_hostile_input_loses_nothing_and_gets_one_line(kind, case, toy, hostile)
         if after[k].get(f, 0) != before[k].get(f, 0)
     ]
     assert not changed  # every file as it was, nothing added
+
+
+@pytest.mark.parametrize("argv", [["sft"], ["train-rm", "--output-dir", "x"], ["ppo"]])
+def test_a_longer_toy_names_its_own_runs_not_the_one_list_toys(argv):
+    with pytest.raises(SystemExit, match=r"--toy-lists 3: runs/toy-\* answer one list; pass"):
+        S.main([*argv, "--toy-lists", "3", "--dry-run"])
 
 
 def test_overwrite_keeps_the_old_run_whole_until_the_new_one_is_complete(
@@ -1975,9 +1985,12 @@ def test_a_finished_run_is_not_run_again(toy, capfd):
     assert tree_hashes(toy["root"]) == before
 
 
-def test_bad_environment_gets_one_line(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "abc")
-    with pytest.raises(SystemExit, match="WORLD_SIZE='abc' in the environment must be a whole"):
+@pytest.mark.parametrize(
+    "name, value", [("WORLD_SIZE", "abc"), ("WORLD_SIZE", "0"), ("LOCAL_RANK", "-1")]
+)
+def test_bad_environment_gets_one_line(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit, match=f"{name}='{value}' in the environment must be a whole"):
         S.main(["train-rm", "--dry-run"])
 
 
