@@ -601,17 +601,23 @@ def add_entropies_batch(rows, ref_model, pad_id, device):
 
 def add_entropies(ds, args, accelerator, model_path, tokenizer):
     """Reference entropies for every pair, cached on disk and keyed on what they depend on (the
-    encoded data, the reference weights): one forward per example for the whole run."""
+    encoded data, the reference weights): one forward per example for the whole run. An entry is
+    a folder written through atomic(): the half file datasets leaves on a full disk goes with it."""
     key = json.dumps([ds._fingerprint, stamp(model_path)])
-    name = f"entropy-{hashlib.sha1(key.encode()).hexdigest()[:16]}.arrow"
+    name = f"entropy-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
     cache = os.path.join(cache_dir("entropy", [model_path, args.dataset]), name)
-    with accelerator.main_process_first():  # the main process computes, the others read its file
-        pad, device, ref = tokenizer.pad_token_id, accelerator.device, None
+    # The main process computes, the others read its file; the lock holds off another run that
+    # computes the same entropies at the same time.
+    with accelerator.main_process_first(), FileLock(cache + ".lock"):
         if not os.path.exists(cache):  # a cache hit loads no reference model
+            pad, device = tokenizer.pad_token_id, accelerator.device
             ref = load_model(model_path, "causal", args.bf16).eval().to(device)
-        body = functools.partial(add_entropies_batch, ref_model=ref, pad_id=pad, device=device)
-        cached = dict(cache_file_name=cache, new_fingerprint=name, desc="reference entropies")
-        return ds.map(body, batched=True, batch_size=64, **cached)
+            body = functools.partial(add_entropies_batch, ref_model=ref, pad_id=pad, device=device)
+            with atomic(cache) as tmp:
+                os.makedirs(tmp)
+                file = os.path.join(tmp, "entropy.arrow")
+                ds.map(body, batched=True, batch_size=64, cache_file_name=file, desc="entropies")
+        return datasets.Dataset.from_file(os.path.join(cache, "entropy.arrow"))
 
 
 def pair_collate(pad_id, bandit):
@@ -1635,13 +1641,16 @@ def pad_right(seqs, value):
 def prepare_pairs(ds, tokenizer, args, end_id):
     """Token ids of prompt / chosen / rejected; unusable pairs are skipped and counted."""
     check_columns(ds, ["chosen", "rejected"])
+    # The map reads these flags alone, so its fingerprint, the key of the entropy cache
+    # (add_entropies), follows them and not --lr or --output-dir: no needless recompute.
+    max_prompt_len, max_len, long_pairs = args.max_prompt_len, args.max_len, args.long_pairs
 
     def encode_row(row, i):
         prompt, chosen, rejected = split_pair(row, tokenizer, i)
-        prompt_ids, chosen_ids = encode(tokenizer, prompt, chosen, args.max_prompt_len, end_id)
-        rejected_ids = encode(tokenizer, prompt, rejected, args.max_prompt_len, end_id)[1]
-        if args.long_pairs == "truncate":  # the authors' way: cut, and end on the end token
-            room = args.max_len - len(prompt_ids)
+        prompt_ids, chosen_ids = encode(tokenizer, prompt, chosen, max_prompt_len, end_id)
+        rejected_ids = encode(tokenizer, prompt, rejected, max_prompt_len, end_id)[1]
+        if long_pairs == "truncate":  # the authors' way: cut, and end on the end token
+            room = max_len - len(prompt_ids)
             chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
             chosen_ids[-1] = rejected_ids[-1] = end_id
         skip, blank = "", not (chosen.strip() and rejected.strip())
@@ -1651,8 +1660,8 @@ def prepare_pairs(ds, tokenizer, args, end_id):
             skip = "empty response"
         elif chosen_ids == rejected_ids:
             skip = "chosen identical to rejected"
-        elif len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > args.max_len:
-            skip = f"longer than --max-len {args.max_len}"
+        elif len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > max_len:
+            skip = f"longer than --max-len {max_len}"
         return dict(
             prompt_ids=prompt_ids, chosen_ids=chosen_ids, rejected_ids=rejected_ids, skip=skip
         )

@@ -2010,7 +2010,50 @@ def test_entropy_cache_follows_the_reference_weights(toy, tmp_path, monkeypatch)
     save_file({k: v * 0.5 for k, v in weights.items()}, ref / "model.safetensors",
               metadata={"format": "pt"})  # fmt: skip
     again = S.add_entropies(pairs, S.RMArgs(), accelerator, str(ref), tok)["chosen_entropy"]
-    assert again != first and len(os.listdir(tmp_path / "cache" / "entropy")) == 2
+    entries = [n for n in os.listdir(tmp_path / "cache" / "entropy") if not n.endswith(".lock")]
+    assert again != first and len(entries) == 2
+
+
+def test_entropies_are_computed_once_whatever_the_flags_they_do_not_read(
+    toy, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SEGMENT_RLHF_CACHE", str(tmp_path / "cache"))
+    seen, entropies = [], S.add_entropies_batch
+    monkeypatch.setattr(
+        S, "add_entropies_batch", lambda rows, **k: seen.append(rows) or entropies(rows, **k)
+    )
+    data = write_rows(tmp_path / "pairs.jsonl", S.toy_preference_rows(40, seed=3))
+    argv = [
+        "train-rm",
+        "--model",
+        toy["sft"],
+        "--dataset",
+        data,
+        "--eval-size",
+        "8",
+        "--epochs",
+        "1",
+    ]
+    S.main([*argv, "--output-dir", str(tmp_path / "a")])
+    S.main([*argv, "--output-dir", str(tmp_path / "b"), "--lr", "1e-4", "--seed", "3"])
+    assert sum(len(rows["prompt_ids"]) for rows in seen) == 40  # the second run: none
+
+
+def test_a_full_disk_while_the_entropies_are_cached_leaves_no_half_file(toy, tmp_path, monkeypatch):
+    disk = tmp_path / "disk"
+    if not mount_tmpfs(disk, "1m"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        monkeypatch.setenv("SEGMENT_RLHF_CACHE", str(disk))
+        (disk / "fill").write_bytes(bytes(1024 * 1024 - 8192))  # two pages left
+        data = write_rows(tmp_path / "pairs.jsonl", S.toy_preference_rows(200, seed=3))
+        argv = ["train-rm", "--model", toy["sft"], "--dataset", data, "--eval-size", "8"]
+        with pytest.raises(SystemExit, match="No space left on device"):
+            S.main([*argv, "--output-dir", str(tmp_path / "rm")])
+        files = [os.path.join(d, n) for d, _, names in os.walk(disk) for n in names]
+        assert all(f.endswith((".lock", "fill")) for f in files), files
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 def mount_tmpfs(path, size):

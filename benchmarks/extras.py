@@ -18,10 +18,12 @@ import hashlib
 import html
 import math
 import os
+import shutil
 import sys
 import time
 
 import torch
+from filelock import FileLock
 
 # The segment view's colours: white at reward 0, red below and green above, full at |r| = scale
 # (the largest |reward| shown, so one page shares one scale); grey tints when there is no reward.
@@ -262,17 +264,21 @@ def gguf_folder(path, cache):
     stat = os.stat(path)
     key = hashlib.sha1(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     folder = os.path.join(cache, f"{os.path.basename(path)[: -len('.gguf')]}-{key}")
-    if os.path.exists(folder):
-        return folder
-    import gguf  # noqa: F401  (transformers reads GGUF files through it: checked before the work)
+    with FileLock(folder + ".lock"):  # the processes of one launch convert it once, not each
+        if os.path.exists(folder):
+            return folder
+        import gguf  # noqa: F401  (transformers reads GGUF through it: checked before the work)
 
-    print(f"converting {path} into {folder} (once) ...", file=sys.stderr)
-    where, file = os.path.dirname(path), os.path.basename(path)
-    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=file)
-    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=file, dtype=torch.float32)
-    model.hf_quantizer.remove_quantization_config(model)  # the weights are plain float32 already
-    tmp = f"{folder}.tmp{os.getpid()}"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, folder)
+        print(f"converting {path} into {folder} (once) ...", file=sys.stderr)
+        where, file = os.path.dirname(path), os.path.basename(path)
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=file)
+        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=file, dtype=torch.float32)
+        model.hf_quantizer.remove_quantization_config(model)  # the weights are float32 already
+        tmp = f"{folder}.tmp{os.getpid()}"
+        try:  # a full disk leaves no half folder in the cache
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
