@@ -570,7 +570,7 @@ def rm_setup(args, accelerator, model_path, tokenizer, ds):
     train_loader = DataLoader(split["train"], batch, collate_fn=collate, **shuffled)
     eval_loader = DataLoader(split["test"], batch, collate_fn=collate)
     set_seed(args.seed)  # the head's random init must not depend on what ran before in the process
-    model = load_model(model_path, "value", args.bf16 and args.lora_rank > 0)
+    model = load_model(model_path, "value", args.bf16 and args.lora_rank > 0, tokenizer)
     model = trainable(init_head(model, args.head_init), args, "value")
     steps = args.epochs * math.ceil(len(train_loader) / args.grad_accum)
     optimizer, scheduler = make_optimizer(model, args, steps)
@@ -611,7 +611,7 @@ def add_entropies(ds, args, accelerator, model_path, tokenizer):
     with accelerator.main_process_first(), FileLock(cache + ".lock"):
         if not os.path.exists(cache):  # a cache hit loads no reference model
             pad, device = tokenizer.pad_token_id, accelerator.device
-            ref = load_model(model_path, "causal", args.bf16).eval().to(device)
+            ref = load_model(model_path, "causal", args.bf16, tokenizer).eval().to(device)
             body = functools.partial(add_entropies_batch, ref_model=ref, pad_id=pad, device=device)
             with atomic(cache) as tmp:
                 os.makedirs(tmp)
@@ -1004,7 +1004,7 @@ def ppo_models(args, accelerator, settings, tokenizer):
     path = reference_model(args, settings)
     _, ref, rm = load_scorers(path, args.reward_model, args.bf16, with_ref=not args.lora_rank)
     frozen_bf16 = args.bf16 and args.lora_rank > 0  # LoRA: base weights never train, keep bf16
-    policy = load_model(path, "causal", frozen_bf16)
+    policy = load_model(path, "causal", frozen_bf16, tokenizer)
     critic = init_head(load_model(path, "value", frozen_bf16), args.head_init, critic=True)
     m = types.SimpleNamespace(policy=trainable(policy, args, "causal"), path=path)
     m.critic, m.rm = trainable(critic, args, "value"), rm.to(accelerator.device)
@@ -1045,7 +1045,8 @@ def sft(args):
         fail("sft has no checkpoints (the toy's quick first stage); they are for train-rm and ppo")
     accelerator = make_accelerator(args)
     if args.model:
-        tokenizer, model = load_tokenizer(args.model), load_model(args.model)
+        tokenizer = load_tokenizer(args.model)
+        model = load_model(args.model, tokenizer=tokenizer)
     else:
         tokenizer = build_toy_tokenizer(args.toy_lists)
         model = build_toy_model(tokenizer)
@@ -1758,11 +1759,12 @@ def load_tokenizer(path):
     return tokenizer
 
 
-def load_model(path, kind="causal", bf16=False):
+def load_model(path, kind="causal", bf16=False, tokenizer=None):
     """kind: 'causal' (policy, reference), 'value' (backbone + a linear head -> 1, no bias, the
     layout of AutoModelForSequenceClassification(num_labels=1), fresh for a critic or a reward
     model to train) or 'reward' (the same, its head in the weights). Loading is the check of a
-    model folder: a missing, damaged or misshapen file fails here, in one line."""
+    model folder: a missing, damaged or misshapen file, or a `tokenizer` of more tokens than the
+    embeddings, fails here, in one line."""
     path = model_folder(path)
     auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     try:
@@ -1789,6 +1791,9 @@ def load_model(path, kind="causal", bf16=False):
     if kind == "reward" and "score.weight" in info["missing_keys"]:
         found = f" (found {', '.join(heads)}: rename it to score.weight)" if heads else ""
         fail(f"reward model {path} has no scalar head score.weight in its weights{found}")
+    rows = model.get_input_embeddings().num_embeddings
+    if tokenizer is not None and len(tokenizer) > rows:
+        fail(f"model {path}: its tokenizer has {len(tokenizer)} tokens, its embeddings {rows} rows")
     if model.config.pad_token_id is None:
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos if isinstance(eos, int) else 0
@@ -1800,8 +1805,9 @@ def load_scorers(ref_path, rm_path, bf16=False, with_ref=True):
     tokenizer = load_tokenizer(ref_path)
     if rm_path and load_tokenizer(rm_path).get_vocab() != tokenizer.get_vocab():
         fail(f"the reward model {rm_path} and the model {ref_path} use different tokenizers")
-    ref = load_model(ref_path, "causal", bf16).eval().requires_grad_(False) if with_ref else None
-    rm = load_model(rm_path, "reward", bf16).eval().requires_grad_(False) if rm_path else None
+    frozen = functools.partial(load_model, bf16=bf16, tokenizer=tokenizer)
+    ref = frozen(ref_path, "causal").eval().requires_grad_(False) if with_ref else None
+    rm = frozen(rm_path, "reward").eval().requires_grad_(False) if rm_path else None
     return tokenizer, ref, rm
 
 

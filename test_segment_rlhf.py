@@ -1352,6 +1352,10 @@ HOSTILE["models that do not fit"] = {
         ["segment", "--model", "{tmp}/other_tok", "--reward-model", "{rm}", "--response", "fig"],
         "use different tokenizers",
     ),
+    "a tokenizer of more tokens than the model's embeddings": (
+        RM + ["--model", "{tmp}/other_tok"],
+        "other_tok: its tokenizer has 513 tokens, its embeddings 512 rows",
+    ),
 }
 HOSTILE["values that would run wrong"] = {
     "negative value clip": (PPO + ["--value-clip", "-1"], "--value-clip must be in (0, inf)"),
