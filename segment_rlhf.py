@@ -540,6 +540,7 @@ def train_rm(args):
         log_metrics(args, accelerator, metrics)
         if accelerator.is_main_process:
             bar.write(json.dumps(metrics))
+    bar.close()  # now: an error line later must not be followed by the bar
     # The location-aware normalizer, fitted on the trained model; then the model and its settings.
     c, end = args.entropy_threshold, args.end_token or tokenizer.eos_token
     fitted = fit_normalizer(args, accelerator, model, tokenizer.pad_token_id, c, split)[0]
@@ -1073,6 +1074,7 @@ def sft(args):
             if bar.n % 20 == 0:  # a host sync only now and then
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         log_metrics(args, accelerator, {"epoch": epoch + 1, "sft/loss": loss.item()})
+    bar.close()
     save_model(accelerator, model, tokenizer, args.output_dir)
     result = {"sft/loss": round(loss.item(), 4), "output_dir": RUN["given"]}
     return finish_run(args, accelerator, result)
@@ -2412,12 +2414,14 @@ def first_line(e):
 
 
 def interrupt(signum, frame):
-    """SIGTERM (what `timeout` and schedulers send) is handled like Ctrl-C: one line, cleaned up."""
-    raise KeyboardInterrupt("SIGTERM")
+    """SIGTERM (what `timeout` and schedulers send) and SIGHUP (a closed terminal) are handled like
+    Ctrl-C: one line, cleaned up."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv=None):
-    command, previous = None, signal.signal(signal.SIGTERM, interrupt)
+    command, caught = None, (signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, interrupt) for sig in caught}
     # transformers reports a fresh scalar head as MISSING, which reads like an error (load_model
     # checks the loading info itself); and, so quieted, which layers were "not sharded" on one GPU.
     for name in ("modeling_utils", "distributed.tensor_parallel"):
@@ -2448,11 +2452,11 @@ def main(argv=None):
             while cause is not None and not isinstance(cause, KeyboardInterrupt):
                 cause = cause.__cause__ or cause.__context__
             raise cause or e
-    except KeyboardInterrupt as e:  # 130 as for any SIGINT, 143 for SIGTERM
+    except KeyboardInterrupt as e:  # 128 + the signal's number: 130 for SIGINT, 143 for SIGTERM
         how = f" by {e.args[0]}" if e.args else ""
         hint = "; resume with --resume" if command in ("train-rm", "ppo") else ""
         say(f"segment_rlhf: error: interrupted{how}{hint}")
-        raise SystemExit(143 if e.args else 130) from None
+        raise SystemExit(128 + (signal.Signals[e.args[0]] if e.args else signal.SIGINT)) from None
     except SystemExit as e:  # a fail() line: say where a failed run stands
         raise SystemExit(e.code + where_it_stands()) if isinstance(e.code, str) else e from None
     except (OSError, RuntimeError, ValueError, ImportError, SafetensorError) as e:
@@ -2462,7 +2466,8 @@ def main(argv=None):
         raise SystemExit(f"segment_rlhf: error: {first_line(e)}{how}{where_it_stands()}") from None
     finally:
         close_run()  # a run that did not finish leaves no directory it created
-        signal.signal(signal.SIGTERM, previous)
+        for sig in caught:
+            signal.signal(sig, previous[sig])
     print(json.dumps(result))
     return result
 

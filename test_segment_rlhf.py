@@ -1467,14 +1467,15 @@ def test_fit_norm_writes_only_when_done_keeps_a_backup_and_honours_output_dir(
     assert S.load_rm_settings(str(moved / "refit"))["reference_model"] == str(moved / "sft")
 
 
-def test_ctrl_c_and_sigterm_get_one_line_and_leave_no_directory(toy, tmp_path):
-    """Ctrl-C, and SIGTERM (what `timeout` and schedulers send), to two runs started together."""
+def test_ctrl_c_sigterm_and_sighup_get_one_line_and_leave_no_directory(toy, tmp_path):
+    """Ctrl-C, SIGTERM (what `timeout` and schedulers send) and SIGHUP (a closed terminal), to
+    three runs started together."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # A shell that starts a job in the background makes it ignore SIGINT, and children inherit
     # that: give the run the default disposition, as in a terminal.
     default = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
     runs = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         out = tmp_path / sig.name / "rm"
         out.parent.mkdir()
         argv = [sys.executable, S.__file__, *[a.format(sft=toy["sft"]) for a in RM]]
@@ -1491,8 +1492,8 @@ def test_ctrl_c_and_sigterm_get_one_line_and_leave_no_directory(toy, tmp_path):
                 break
             except subprocess.TimeoutExpired:
                 proc.send_signal(sig)
-        assert proc.returncode == (130 if sig == signal.SIGINT else 143), err
-        how = "" if sig == signal.SIGINT else " by SIGTERM"
+        assert proc.returncode == 128 + sig, err
+        how = "" if sig == signal.SIGINT else f" by {sig.name}"
         last = err.strip().splitlines()[-1]
         assert last == f"segment_rlhf: error: interrupted{how}; resume with --resume"
         assert "Traceback" not in err and os.listdir(out.parent) == []
