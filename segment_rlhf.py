@@ -547,6 +547,7 @@ def train_rm(args):
     save_model(accelerator, model, tokenizer, args.output_dir)
     settings = dict(entropy_threshold=c, reference_model=model_path, end_token=end, **fitted)
     settings.update({} if args.dataset else {"toy_lists": args.toy_lists})  # what it answers
+    settings["reference_stamp"] = stamp(model_path)  # what it was trained on
     if accelerator.is_main_process:
         write_rm_settings(args.output_dir, settings)
     result = {
@@ -755,7 +756,7 @@ def fit_norm(args):
     fitted, positions, rewards = fit_normalizer(args, accelerator, model, pad, threshold, split)
     if not all(math.isfinite(v) for v in [*fitted["normalizer"], fitted["mean"], fitted["std"]]):
         fail(f"the fit on {2 * n} responses is not finite; pass a larger --norm-samples")
-    settings.update(fitted, reference_model=ref_path)
+    settings.update(fitted, reference_model=ref_path, reference_stamp=stamp(ref_path))
     if accelerator.is_main_process:
         if plot:  # first: a failing plot leaves the settings as they were
             from benchmarks.extras import plot_normalizer
@@ -1912,16 +1913,23 @@ def cache_dir(kind, inputs=()):
 
 
 def stamp(path):
-    """What an input's content is known by: a file's hash; the names, sizes and modification
-    times of a model folder's config and weights (too large to hash); a hub id is its own stamp."""
+    """What an input's content is known by: a file's hash; for a folder (a model, a dataset), the
+    names and sizes of its files and the hash of each one's first and last MiB (weights are too
+    large to hash whole; a retrained model differs there, a copy does not); a hub id is itself."""
     if not path or not os.path.exists(path):
         return path
     if os.path.isfile(path):
         with open(path, "rb") as f:
             return hashlib.file_digest(f, "sha1").hexdigest()
-    names = [n for n in sorted(os.listdir(path)) if n.endswith((".safetensors", ".bin"))]
-    files = [os.path.join(path, n) for n in ["config.json", *names]]
-    return [[os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
+    digest = hashlib.sha1()
+    for file in sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names):
+        size = os.path.getsize(file)
+        digest.update(f"{os.path.relpath(file, path)} {size}".encode())
+        with open(file, "rb") as f:
+            digest.update(f.read(2**20))
+            f.seek(max(size - 2**20, 0))
+            digest.update(f.read(2**20))
+    return digest.hexdigest()
 
 
 def output_path(path, inputs, flag, kind="file"):
@@ -2274,10 +2282,14 @@ def check_toy_lists(args, settings):
 
 
 def reference_model(args, settings):
-    """--model, else the reward model's reference model, which must be where it was."""
+    """--model, else the reward model's reference model, which must be where it was and as it was:
+    its entropies cut the segments the reward model learned on."""
     path = args.model or settings["reference_model"]
     if not args.model and os.path.isabs(path) and not os.path.isdir(path):
         fail(f"the reference model {path} of reward model {args.reward_model} moved; pass --model")
+    if not args.model and settings.get("reference_stamp", stamp(path)) != stamp(path):
+        why = f"was changed since {args.reward_model} was trained on it"
+        fail(f"the reference model {path} {why}: retrain the reward model, or pass --model {path}")
     return path
 
 

@@ -2019,6 +2019,38 @@ def test_entropy_cache_follows_the_reference_weights(toy, tmp_path, monkeypatch)
     assert again != first and len(entries) == 2
 
 
+def test_a_reference_model_changed_since_the_reward_model_was_trained_is_refused(toy, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    sft = shutil.copytree(toy["sft"], tmp_path / "sft")  # a copy: the same content, the same model
+    rm = shutil.copytree(toy["rm"], tmp_path / "rm")
+    edit_settings(rm, lambda s: {**s, "reference_model": str(sft)})
+    argv = ["segment", "--reward-model", str(rm), "--response", "fig"]
+    assert S.main(argv)["segments"]
+    weights = load_file(sft / "model.safetensors")  # retrained in place
+    save_file({k: v * 0.99 for k, v in weights.items()}, sft / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    with pytest.raises(SystemExit, match=f"the reference model {sft} was changed since"):
+        S.main(argv)
+    assert S.main([*argv, "--model", str(sft)])["segments"]  # asked for: used
+
+
+def test_a_dataset_folder_trains_and_resumes_like_a_file(toy, tmp_path):
+    (tmp_path / "pairs").mkdir()
+    write_rows(tmp_path / "pairs" / "train.jsonl", S.toy_preference_rows(40, seed=3))
+    argv = [
+        "train-rm",
+        "--model",
+        toy["sft"],
+        "--dataset",
+        str(tmp_path / "pairs"),
+        "--epochs",
+        "1",
+    ]
+    argv += ["--eval-size", "8", "--batch-size", "16", "--output-dir", str(tmp_path / "rm")]
+    assert S.main(argv) == S.main([*argv, "--resume"])  # the second: "holds this run, finished"
+
+
 def test_entropies_are_computed_once_whatever_the_flags_they_do_not_read(
     toy, tmp_path, monkeypatch
 ):
