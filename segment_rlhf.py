@@ -62,6 +62,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    DataCollatorForSeq2Seq,
     HfArgumentParser,
     LlamaConfig,
     LlamaForCausalLM,
@@ -778,6 +779,8 @@ def fit_norm(args):
 
 
 def ppo(args):
+    from benchmarks import extras  # the rollout shown now and then, cut into its segments
+
     accelerator, tokenizer, settings, loader, eval_loader = ppo_data(args)
     models = ppo_models(args, accelerator, settings, tokenizer)
     if done := start_run(args, "ppo", accelerator, [models.path, args.reward_model, args.dataset]):
@@ -819,7 +822,7 @@ def ppo(args):
         log_metrics(args, accelerator, row)
         bar.set_postfix(reward=f"{metrics['ppo/reward']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
         if accelerator.is_main_process and (step + 1) % max(1, args.steps // 4) == 0:
-            bar.write(sample_table(tokenizer, data, 0))
+            bar.write(extras.sample_table(tokenizer, data, 0))
         if args.save_every and (step + 1) % args.save_every == 0:
             where = {"step": step + 1, "before": before, "metrics": metrics}
             save_checkpoint(accelerator, args, where)
@@ -1099,17 +1102,9 @@ def sft_loader(args, tokenizer):
         labels = ([-100] * len(prompt_ids) + response_ids)[: args.max_len]
         return {"input_ids": ids, "labels": labels}
 
-    def collate(rows):
-        ids = [r["input_ids"] for r in rows]
-        return {
-            "input_ids": pad_right(ids, tokenizer.pad_token_id),
-            "labels": pad_right([r["labels"] for r in rows], -100),
-            "attention_mask": pad_right([[1] * len(i) for i in ids], 0),
-        }
-
     ds = ds.map(encode_row, with_indices=True, remove_columns=ds.column_names)
-    batch = args.batch_size // args.grad_accum
-    return DataLoader(ds, batch, shuffle=True, collate_fn=collate)
+    collate = DataCollatorForSeq2Seq(tokenizer, padding=True)  # labels padded with -100
+    return DataLoader(ds, args.batch_size // args.grad_accum, shuffle=True, collate_fn=collate)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1230,18 +1225,6 @@ def segment(args):
     for v in views:
         v["segments"] = [{k: s[k] for k in keys if k in s} for s in v["segments"]]
     return {"entropy_threshold": threshold, "segments": views[0]["segments"], "views": views}
-
-
-def sample_table(tokenizer, data, i):
-    """One rollout cut into its segments, each with its dense reward: what the method sees."""
-    response, ends, dense = data["response"][i], data["ends"][i], data["dense"][i]
-    stops = ends.nonzero().squeeze(1).tolist()
-    spans = zip([0] + [s + 1 for s in stops[:-1]], stops)
-    parts = [
-        f"[{tokenizer.decode(response[a : b + 1])}|{dense[a : b + 1].sum().item():+.2f}]"
-        for a, b in spans
-    ]
-    return "sample: " + " ".join(parts) + f"  ({int(data['mask'][i].sum())} tokens)"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ normalizer plot (`fit-norm --plot`, benchmarks/make_figures.py) and the GGUF con
 - plot_normalizer: the segment rewards' mean and std at each position p = k / K, as the fit sees
   them, with the fitted location-aware lines mu(p) and sigma(p) (needs matplotlib).
 - quick_start (quick_start_plan, quick_start_summary), stage_line: what the quick start says
-  before, during and after its run.
+  before, during and after its run; sample_table: a PPO rollout cut into its segments, each with
+  its dense reward, printed now and then.
 - gguf_folder: a GGUF checkpoint as a plain transformers folder in the cache, converted once.
 """
 
@@ -251,6 +252,18 @@ def quick_start_summary(args, result, seconds, sft_dir):
         "  draw the learning curves and the normalizer: python benchmarks/make_figures.py",
     ]
     print("\n".join(lines), file=sys.stderr)
+
+
+def sample_table(tokenizer, data, i):
+    """One rollout cut into its segments, each with its dense reward: what the method sees."""
+    response, ends, dense = data["response"][i], data["ends"][i], data["dense"][i]
+    stops = ends.nonzero().squeeze(1).tolist()
+    spans = zip([0] + [s + 1 for s in stops[:-1]], stops)
+    parts = [
+        f"[{tokenizer.decode(response[a : b + 1])}|{dense[a : b + 1].sum().item():+.2f}]"
+        for a, b in spans
+    ]
+    return "sample: " + " ".join(parts) + f"  ({int(data['mask'][i].sum())} tokens)"
 
 
 def gguf_folder(path, cache):
