@@ -53,6 +53,7 @@ from accelerate.utils import set_seed
 from filelock import FileLock, Timeout
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import StrictDataclassError
+from jinja2 import TemplateError
 from safetensors import SafetensorError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader
@@ -2454,11 +2455,13 @@ def main(argv=None):
         raise SystemExit(128 + (signal.Signals[e.args[0]] if e.args else signal.SIGINT)) from None
     except SystemExit as e:  # a fail() line: say where a failed run stands
         raise SystemExit(e.code + where_it_stands()) if isinstance(e.code, str) else e from None
-    except (OSError, RuntimeError, ValueError, ImportError, SafetensorError) as e:
+    except (OSError, RuntimeError, ValueError, ImportError, SafetensorError, TemplateError) as e:
         if os.environ.get("SEGMENT_RLHF_DEBUG"):
             raise
+        what = "the chat template raised: " if isinstance(e, TemplateError) else ""
         how = "" if isinstance(e, OSError) else " (SEGMENT_RLHF_DEBUG=1 shows the traceback)"
-        raise SystemExit(f"segment_rlhf: error: {first_line(e)}{how}{where_it_stands()}") from None
+        line = f"segment_rlhf: error: {what}{first_line(e)}{how}{where_it_stands()}"
+        raise SystemExit(line) from None
     finally:
         close_run()  # a run that did not finish leaves no directory it created
         for sig in caught:
@@ -2471,7 +2474,10 @@ def where_it_stands():
     """The end of a failed run's error line: a full disk, and its newest complete checkpoint."""
     if not RUN.get("resumable"):
         return ""
-    full = "; the disk is full" if shutil.disk_usage(RUN["work"]).free < 2**20 else ""
+    where = RUN["work"]
+    while not os.path.exists(where):  # a run that could not make its directory
+        where = os.path.dirname(where)
+    full = "; the disk is full" if shutil.disk_usage(where).free < 2**20 else ""
     none = "none (pass --save-every N to keep some)"
     return f"{full}; last good checkpoint: {(checkpoints(RUN['work']) or [none])[-1]}"
 

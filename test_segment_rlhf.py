@@ -1155,6 +1155,10 @@ def hostile(toy, tmp_path_factory):
     model_copy("rm_moved_ref", toy["rm"], settings={**good, "reference_model": "/nowhere/sft"})
     model_copy("bad_head", toy["rm"], edit=lambda p: resize_head(p / "model.safetensors"))
     model_copy("staged.incomplete", toy["sft"])  # a run's own staging name, given as its input
+    raising = model_copy("raising_template", toy["sft"])  # a template that refuses everything
+    tok = S.load_tokenizer(str(raising))
+    tok.chat_template = "{{ raise_exception('no conversations') }}"
+    tok.save_pretrained(raising)
     other = model_copy("other_tok", toy["sft"])  # a tokenizer with one token more
     tok = S.load_tokenizer(str(other))
     tok.add_tokens(["<extra>"])
@@ -1351,6 +1355,10 @@ HOSTILE["models that do not fit"] = {
     "segment with another tokenizer than the reward model's": (
         ["segment", "--model", "{tmp}/other_tok", "--reward-model", "{rm}", "--response", "fig"],
         "use different tokenizers",
+    ),
+    "a chat template that raises": (
+        ["segment", "--model", "{tmp}/raising_template", "--response", "fig"],
+        "the chat template raised: no conversations",
     ),
     "a tokenizer of more tokens than the model's embeddings": (
         RM + ["--model", "{tmp}/other_tok"],
@@ -2113,6 +2121,21 @@ def test_a_full_disk_at_a_checkpoint_gets_one_line_and_leaves_nothing(toy, tmp_p
         line = str(e.value)
         assert line.startswith("segment_rlhf: error: ") and "\n" not in line, line
         assert "last good checkpoint: none" in line and os.listdir(disk) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_run_whose_directory_cannot_be_made_gets_one_line(toy, tmp_path):
+    disk = tmp_path / "disk"
+    if not mount_tmpfs(disk, "1m,nr_inodes=1"):  # the mount point itself: no inode left
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        argv = ["train-rm", "--model", toy["sft"], "--output-dir", str(disk / "rm")]
+        with pytest.raises(SystemExit) as e:
+            S.main(argv)
+        line = str(e.value)
+        assert line.startswith("segment_rlhf: error: No space left on device"), line
+        assert "\n" not in line and os.listdir(disk) == []
     finally:
         subprocess.run(["umount", str(disk)], check=True)
 
