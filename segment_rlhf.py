@@ -609,7 +609,8 @@ def add_entropies(ds, args, accelerator, model_path, tokenizer):
     a folder written through atomic(): the half file datasets leaves on a full disk goes with it."""
     key = json.dumps([ds._fingerprint, stamp(model_path)])
     name = f"entropy-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
-    cache = os.path.join(cache_dir("entropy", [model_path, args.dataset]), name)
+    inputs = [model_path, args.dataset, getattr(args, "reward_model", "")]
+    cache = os.path.join(cache_dir("entropy", inputs), name)
     # The main process computes, the others read its file; the lock holds off another run that
     # computes the same entropies at the same time.
     with accelerator.main_process_first(), FileLock(cache + ".lock"):
@@ -763,7 +764,10 @@ def fit_norm(args):
         if plot:  # first: a failing plot leaves the settings as they were
             from benchmarks.extras import plot_normalizer
 
-            plot_normalizer(plot, positions, rewards, settings["normalizer"])
+            with atomic(
+                plot
+            ) as tmp:  # a new file: a hard link to the plot's path is left as it was
+                plot_normalizer(tmp, positions, rewards, settings["normalizer"])
         for name in [] if in_place else os.listdir(args.reward_model):  # not its run records
             path = os.path.join(args.reward_model, name)
             if os.path.isfile(path) and name.split(".")[0] not in ("args", "metrics", "result"):
@@ -1962,7 +1966,7 @@ def start_run(args, command, accelerator, inputs, in_place=False):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         os.makedirs(os.path.dirname(final), exist_ok=True)
-        lock = FileLock(lock_path(final), timeout=0)  # released by the system if a process dies
+        lock = FileLock(lock_path(final, inputs), timeout=0)  # released by the system at a death
         try:
             lock.acquire()
         except Timeout:
@@ -2035,10 +2039,11 @@ def close_run():
     RUN.clear()
 
 
-def lock_path(final):
+def lock_path(final, inputs=()):
     """The lock of a run directory: in the cache, named after the resolved directory, so it is
     the same for every spelling of it and never a file of the user's (a uv.lock beside uv/)."""
-    return os.path.join(cache_dir("locks"), hashlib.sha1(final.encode()).hexdigest() + ".lock")
+    name = hashlib.sha1(final.encode()).hexdigest() + ".lock"
+    return os.path.join(cache_dir("locks", inputs), name)
 
 
 def read_json(path, what):
@@ -2251,10 +2256,12 @@ def write_rm_settings(rm_dir, settings, backup=False):
         settings["reference_model"] = os.path.relpath(os.path.abspath(ref), os.path.abspath(rm_dir))
     file = os.path.join(rm_dir, "config.json")
     config = read_json(file, "model config")
-    if backup:  # atomically too: a full disk leaves the previous backup as it was
-        with atomic(file + ".bak") as tmp:
-            shutil.copy2(file, tmp)
-    write_json(file, {**config, "segment_rlhf": settings, "mean": mean, "std": std})
+    with atomic(file) as tmp:  # the new file whole first: a full disk leaves both as they were
+        with open(tmp, "w") as f:
+            json.dump({**config, "segment_rlhf": settings, "mean": mean, "std": std}, f, indent=1)
+        if backup:
+            with atomic(file + ".bak") as bak:
+                shutil.copy2(file, bak)
 
 
 def check_toy_lists(args, settings):

@@ -2059,6 +2059,19 @@ def test_a_dataset_folder_trains_and_resumes_like_a_file(toy, tmp_path):
     assert S.main(argv) == S.main([*argv, "--resume"])  # the second: "holds this run, finished"
 
 
+def test_fit_norm_plot_onto_a_hard_link_leaves_the_linked_file_whole(toy, tmp_path):
+    pytest.importorskip("matplotlib")
+    sft = shutil.copytree(toy["sft"], tmp_path / "sft")
+    rm = shutil.copytree(toy["rm"], tmp_path / "rm")
+    edit_settings(rm, lambda s: {**s, "reference_model": str(sft)})
+    os.link(sft / "model.safetensors", tmp_path / "plot.png")  # the same file by another name
+    before = tree_hashes(sft)
+    S.main(["fit-norm", "--reward-model", str(rm), "--norm-samples", "50", "--plot",
+            str(tmp_path / "plot.png")])  # fmt: skip
+    assert tree_hashes(sft) == before
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_entropies_are_computed_once_whatever_the_flags_they_do_not_read(
     toy, tmp_path, monkeypatch
 ):

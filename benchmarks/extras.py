@@ -187,7 +187,7 @@ def plot_normalizer(path, positions, rewards, params, common=20):
     )
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")  # `path` may be a temporary name without .png
     plt.close(fig)
 
 
