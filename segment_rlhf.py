@@ -548,8 +548,8 @@ def train_rm(args):
     fitted = fit_normalizer(args, accelerator, model, tokenizer.pad_token_id, c, split)[0]
     save_model(accelerator, model, tokenizer, args.output_dir)
     settings = dict(entropy_threshold=c, reference_model=model_path, end_token=end, **fitted)
+    settings.update(reference_stamp=stamp(model_path))  # the reference it was trained on, as it was
     settings.update({} if args.dataset else {"toy_lists": args.toy_lists})  # what it answers
-    settings["reference_stamp"] = stamp(model_path)  # what it was trained on
     if accelerator.is_main_process:
         write_rm_settings(args.output_dir, settings)
     result = {
@@ -2278,7 +2278,7 @@ def reference_model(args, settings):
     path = args.model or settings["reference_model"]
     if not args.model and os.path.isabs(path) and not os.path.isdir(path):
         fail(f"the reference model {path} of reward model {args.reward_model} moved; pass --model")
-    if not args.model and settings.get("reference_stamp", stamp(path)) != stamp(path):
+    if not args.model and settings.get("reference_stamp") not in (None, stamp(path)):
         why = f"was changed since {args.reward_model} was trained on it"
         fail(f"the reference model {path} {why}: retrain the reward model, or pass --model {path}")
     return path
