@@ -193,7 +193,8 @@ BOUNDS = {
     "[0, 1)": "warmup_ratio",
     "[0, inf]": "entropy_threshold",
     "[0, inf)": "save_every lora_rank norm_samples episodes beta row",
-    "(0, inf)": "clip_eps temperature value_clip lora_alpha",
+    "(0, inf)": "clip_eps value_clip lora_alpha",
+    "[0.1, inf)": "temperature",  # below, softmax(z / T) saturates: zero gradients, no learning
     "(-inf, inf)": "missing_eos_penalty end_penalty",
     "[2, inf)": "max_len",
     "[1, 8]": "toy_lists",
@@ -448,10 +449,6 @@ def sequence_mean(x, mask):
     return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
 
 
-def masked_var(x, mask):
-    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
-
-
 def whiten(x, mask, all_sum=lambda t: t):
     """(x - mean) / std over the masked entries of the rollout batch. `all_sum` sums a tensor
     over the data-parallel processes, so each process whitens its share with the statistics of
@@ -463,8 +460,7 @@ def whiten(x, mask, all_sum=lambda t: t):
 
 
 def logprobs_of(logits, tokens, temperature):
-    """Log-probabilities of `tokens` under the distribution they were sampled from."""
-    # Implementation detail: the sampling distribution is softmax(logits / temperature).
+    """Log-probabilities of `tokens` under softmax(logits / temperature), as they were sampled."""
     log_p = torch.log_softmax(logits.float() / temperature, -1)
     return log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
@@ -730,7 +726,7 @@ def fit_norm(args):
     with --output-dir, into a copy of the reward model."""
     accelerator = make_accelerator(args)
     settings = load_rm_settings(args.reward_model)
-    check_toy_lists(args, settings)
+    check_fits(args, settings)
     threshold = settings["entropy_threshold"]
     ref_path = reference_model(args, settings)
     # the reference model only loads if its entropies are not cached (add_entropies)
@@ -945,7 +941,7 @@ def ppo_update(models, mini, optimizers, args, step):
 def ppo_metrics(accelerator, tokenizer, data, stats, prompts, args):
     """One metrics row, averaged over the processes: rollout, losses, diagnostics, toy score."""
     mask, ends = data["mask"], data["ends"].float()
-    residual = masked_var(data["returns"] - data["values"], mask)
+    var = lambda x: masked_mean((x - masked_mean(x, mask)) ** 2, mask).clamp(min=1e-8)  # noqa: E731
     m = {
         "ppo/reward": data["score"].mean(),
         "ppo/kl": data["kl"].mean(),
@@ -955,12 +951,14 @@ def ppo_metrics(accelerator, tokenizer, data, stats, prompts, args):
         "ppo/stopped": data["stopped"].mean(),
         **{k: torch.stack([s[k] for s in stats]).mean() for k in stats[0]},
         # explained variance of the critic: 1 - Var(returns - values) / Var(returns)
-        "ppo/explained_variance": 1 - residual / masked_var(data["returns"], mask).clamp(min=1e-8),
+        "ppo/explained_variance": 1 - var(data["returns"] - data["values"]) / var(data["returns"]),
     }
     if not args.dataset:  # the exact checker exists for the toy task only
-        toy = toy_scores(tokenizer, prompts, data)
-        m["ppo/toy_score"] = torch.tensor(sum(toy) / len(toy), device=mask.device)
-    return {**reduce_dict(accelerator, m, "mean"), "processes": accelerator.num_processes}
+        m["ppo/toy_score"] = sum(toy_scores(tokenizer, prompts, data)) / len(prompts)
+    # every value averaged over the processes in one call: one host sync
+    as_float = functools.partial(torch.as_tensor, dtype=torch.float, device=mask.device)
+    means = accelerator.reduce(torch.stack([as_float(v) for v in m.values()]), "mean")
+    return {**dict(zip(m, means.tolist())), "processes": accelerator.num_processes}
 
 
 @torch.no_grad()
@@ -1883,13 +1881,6 @@ def make_accelerator(args):
     return accelerator
 
 
-def reduce_dict(accelerator, values, op):
-    """{name: tensor or number} -> {name: float}, over the processes in one call (one host sync)."""
-    as_float = functools.partial(torch.as_tensor, dtype=torch.float, device=accelerator.device)
-    stacked = torch.stack([as_float(v) for v in values.values()])
-    return dict(zip(values, accelerator.reduce(stacked, op).tolist()))
-
-
 def cache_dir(kind, inputs=()):
     """$SEGMENT_RLHF_CACHE/kind (default ~/.cache/segment_rlhf/kind), made after the written-path
     rule: caches never go into a model folder, which push_to_hub would upload whole."""
@@ -2102,8 +2093,11 @@ def save_checkpoint(accelerator, args, state):
             write_json(os.path.join(path + ".tmp", "state.json"), state)
             shutil.rmtree(path, ignore_errors=True)
             os.replace(path + ".tmp", path)
-    except BaseException:  # a full disk, Ctrl-C: no half checkpoint stays to fill the disk
+    except BaseException as e:  # a full disk, Ctrl-C: no half checkpoint stays to fill the disk
+        full = isinstance(e, Exception) and shutil.disk_usage(args.output_dir).free < 2**20
         shutil.rmtree(path + ".tmp", ignore_errors=True)
+        if full:  # said now: once the half checkpoint is gone, the disk no longer looks full
+            fail(f"no space left on the device for {path}")
         raise
     if accelerator.is_main_process:
         for old in checkpoints(args.output_dir)[:-1]:
@@ -2264,12 +2258,16 @@ def write_rm_settings(rm_dir, settings, backup=False):
                 shutil.copy2(file, bak)
 
 
-def check_toy_lists(args, settings):
-    """A reward model trained on the toy scores answers of as many lists as it was trained on."""
+def check_fits(args, settings):
+    """A reward model scores answers like those it was trained on: closed by its end token, and
+    on the toy, of as many lists."""
     lists, trained = args.toy_lists, settings.get("toy_lists", args.toy_lists)
     if not args.dataset and trained != lists:
         again = f"pass another --reward-model or --toy-lists {trained}"
         fail(f"{args.reward_model} answers the toy's --toy-lists {trained}, not {lists}: {again}")
+    if args.end_token and args.end_token != settings.get("end_token", args.end_token):
+        was = f"{args.reward_model} was trained on answers closed by {settings['end_token']!r}"
+        fail(f"--end-token {args.end_token!r}: {was}; drop --end-token")
 
 
 def reference_model(args, settings):
@@ -2306,7 +2304,7 @@ def planned_rm_settings(args):
 
 def resolve_reward(args, settings):
     """Reward mode (the reward model's cutoff's unless given), value clip, the preset's tweaks."""
-    check_toy_lists(args, settings)
+    check_fits(args, settings)
     c = settings["entropy_threshold"]
     trained = "bandit" if math.isinf(c) else "token" if c == 0 else "segment"
     args.reward_mode = args.reward_mode or trained
@@ -2436,6 +2434,8 @@ def main(argv=None):
             resolved = {"command": command, **dataclasses.asdict(args)}
             if command == "ppo":
                 resolved["reward_model_settings"] = planned_rm_settings(args)
+            if getattr(args, "episodes", 0):  # --steps follow from the prompts, not loaded yet
+                resolved["steps"] = f"--episodes {args.episodes} x prompts / --batch-size"
             print(json.dumps(resolved, indent=1))
             return resolved
         run = COMMANDS[command][1]
@@ -2447,8 +2447,8 @@ def main(argv=None):
         try:
             result = run(args)
         except BaseException as e:
-            if RUN:  # the error line on a line of its own, not glued to a progress bar
-                say()
+            for bar in list(tqdm._instances):  # closed now, not printed after the error line
+                bar.close()
             # A Ctrl-C inside a torch context manager comes out as RuntimeError("trying to pop
             # from empty mode stack"), the interrupt as its context: that interrupt is raised.
             cause = e

@@ -1380,6 +1380,18 @@ HOSTILE["values that would run wrong"] = {
         PPO + ["--reward-model", "{rm}", "--toy-lists", "2"],
         "answers the toy's --toy-lists 1, not 2: pass another --reward-model or --toy-lists 1",
     ),
+    "ppo stopping at another end token than its reward model's": (
+        PPO + ["--reward-model", "{rm}", "--end-token", ","],
+        "--end-token ',': {rm} was trained on answers closed by '<|end|>'; drop --end-token",
+    ),
+    "fit-norm reading answers closed by another end token": (
+        ["fit-norm", "--reward-model", "{rm}", "--end-token", "<|user|>"],
+        "was trained on answers closed by '<|end|>'",
+    ),
+    "a sampling temperature so low that nothing learns": (
+        PPO + ["--temperature", "1e-30"],
+        "--temperature must be in [0.1, inf), got 1e-30",
+    ),
 }
 HOSTILE_CASES = [(kind, case) for kind in HOSTILE for case in HOSTILE[kind]]
 
@@ -1388,7 +1400,7 @@ HOSTILE_CASES = [(kind, case) for kind in HOSTILE for case in HOSTILE[kind]]
 def test_hostile_input_loses_nothing_and_gets_one_line(kind, case, toy, hostile):
     argv, message = HOSTILE[kind][case]
     argv = [a.format(sft=toy["sft"], rm=toy["rm"], tmp=hostile) for a in argv]
-    message = message.replace("{tmp}", str(hostile))
+    message = message.replace("{tmp}", str(hostile)).replace("{rm}", toy["rm"])
     if argv[0] != "segment" and "--output-dir" not in argv:
         argv += ["--output-dir", str(hostile / "out")]
     busy = FileLock(S.lock_path(str(hostile / "busy")))  # a run writing {tmp}/busy holds it
@@ -1998,6 +2010,27 @@ def test_a_finished_run_is_not_run_again(toy, capfd):
     assert tree_hashes(toy["root"]) == before
 
 
+def test_a_dry_run_does_not_show_steps_that_episodes_will_replace():
+    ppo = S.main(["ppo", "--preset", "phi3-mini", "--dry-run"])
+    assert ppo["steps"] == "--episodes 2 x prompts / --batch-size"
+    assert S.main(["ppo", "--dry-run"])["steps"] == 120  # no --episodes: --steps as given
+
+
+def test_a_bar_open_at_an_interrupt_is_closed_before_the_error_line(monkeypatch, capsys):
+    from tqdm.auto import tqdm
+
+    def loop(args):
+        bar = tqdm(total=10, desc="loop", mininterval=60)  # no redraw of its own before close
+        bar.update()
+        raise KeyboardInterrupt("SIGTERM")
+
+    monkeypatch.setitem(S.COMMANDS, "segment", (S.SegmentArgs, loop, "a loop, interrupted"))
+    with pytest.raises(SystemExit):
+        S.main(["segment"])
+    err = capsys.readouterr().err
+    assert "loop:  10%" in err and err.strip().splitlines()[-1].endswith("by SIGTERM"), err
+
+
 @pytest.mark.parametrize(
     "name, value", [("WORLD_SIZE", "abc"), ("WORLD_SIZE", "0"), ("LOCAL_RANK", "-1")]
 )
@@ -2121,21 +2154,26 @@ def mount_tmpfs(path, size):
     return shutil.which("mount") and subprocess.run(cmd, capture_output=True).returncode == 0
 
 
-def test_a_full_disk_at_a_checkpoint_gets_one_line_and_leaves_nothing(toy, tmp_path):
+@pytest.mark.parametrize("command", ["train-rm", "ppo"])
+def test_a_full_disk_at_a_checkpoint_gets_one_line_and_leaves_nothing(command, toy, tmp_path):
     disk = tmp_path / "disk"
-    if not mount_tmpfs(disk, "2m"):  # the run's files fit, its first checkpoint does not
+    # the run's files fit, its first checkpoint does not: for ppo its models do, its optimizers not
+    if not mount_tmpfs(disk, "8m" if command == "ppo" else "2m"):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         data = write_rows(tmp_path / "pairs.jsonl", S.toy_preference_rows(80, seed=7))
         argv = ["train-rm", "--model", toy["sft"], "--dataset", data, "--eval-size", "16",
-                "--epochs", "1", "--save-every", "1", "--output-dir", str(disk / "rm")]  # fmt: skip
+                "--epochs", "1"]  # fmt: skip
+        if command == "ppo":
+            argv = [a.format(sft=toy["sft"]) for a in PPO] + ["--reward-model", toy["rm"]]
         with pytest.raises(SystemExit) as e:
-            S.main(argv)
+            S.main([*argv, "--save-every", "1", "--output-dir", str(disk / "run")])
         line = str(e.value)
-        assert line.startswith("segment_rlhf: error: ") and "\n" not in line, line
-        assert "last good checkpoint: none" in line and os.listdir(disk) == []
+        assert line.startswith("segment_rlhf: error: ") and "no space left" in line.lower(), line
+        assert "\n" not in line and "last good checkpoint: none" in line, line
+        assert os.listdir(disk) == []
     finally:
-        subprocess.run(["umount", str(disk)], check=True)
+        subprocess.run(["umount", "-l", str(disk)], check=True)  # -l: torch may hold a file
 
 
 def test_a_run_whose_directory_cannot_be_made_gets_one_line(toy, tmp_path):
