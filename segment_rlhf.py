@@ -10,8 +10,6 @@ segment rewards (Bradley-Terry on ordinary preference pairs, no segment labels).
 segment reward is normalized with a mean and std that depend on where the segment sits in the
 response, spread evenly over its tokens, and optimized with a KL penalty.
 
-Pipeline:  sft (toy only) -> train-rm -> ppo;  `segment` shows a response cut into its segments.
-
     python segment_rlhf.py ppo                     # toy task on a CPU; builds sft and the RM first
     python segment_rlhf.py segment --reward-model runs/toy-rm
     python segment_rlhf.py train-rm --preset phi3-mini --dry-run      # the paper's settings
@@ -23,8 +21,9 @@ Pipeline:  sft (toy only) -> train-rm -> ppo;  `segment` shows a response cut in
     answer = ("Name 6 fruits.", "Fruits: apple, fig, kiwi, lemon, mango, plum.")
     segment_rewards("runs/toy-rm", [answer])
 
-Reading order: configuration, the method (sections 1-5: small pure functions), the training loops,
-the segment view, the toy task. Below the toy task is plumbing: data, models, runs, presets, CLI.
+Reading order: configuration and the paper's settings, the method (sections 1-5: small pure
+functions), the training loops, the segment view, the toy task; then plumbing: data, models, runs,
+reward-model settings, CLI.
 """
 
 import bisect
@@ -75,7 +74,7 @@ from trl.data_utils import maybe_extract_prompt
 
 # ----------------------------------------------------------------------------------------------
 # Configuration: one dataclass per subcommand, each field a flag (transformers' HfArgumentParser);
-# the defaults are the toy run. Unset means None.
+# the defaults are the toy run, unset means None. Then the paper's settings, which --preset sets.
 
 
 def arg(default, help, **extra):
@@ -201,6 +200,45 @@ BOUNDS = {
     "[1, inf)": "batch_size grad_accum epochs max_prompt_len eval_size steps mini_batch_size "
     "ppo_epochs max_new_tokens eval_prompts rollout_chunk end_penalty_len",
 }
+
+# The paper's runs: model, cutoff c, end token, episodes, released reward models, the authors'
+# fitted normalizers (a_mu, a_sigma, b_mu, b_sigma) at c and at c = 0, the bandit's (mean, std),
+# and the reward tweaks of their runs by reward mode (see token_rewards).
+# fmt: off
+PAPER_MODELS = {
+    "phi3-mini": dict(
+        model="microsoft/Phi-3-mini-4k-instruct", c=1.75, end_token="<|end|>", episodes=2,
+        rm="yyqoni/Phi-3-mini-4k-instruct-{}-rm-700k", recipe={},
+        segment=(0.7668, 0.2569, 0.4705, 2.8339), token=(0.9628, 0.3796, 1.2917, 3.5006),
+        bandit=(-0.5195, 2.1563)),
+    "llama3-sft-8b": dict(
+        model="RLHFlow/LLaMA3-SFT-v2", c=2.0, end_token="<|eot_id|>", episodes=1,
+        rm="yyqoni/rlhflow-llama-3-sft-8b-v2-{}-rm-700k", recipe={"token": {"length_norm": True}},
+        segment=(0.8967, 0.5680, 0.8572, 4.1667), token=(1.7340, 0.9906, 1.3212, 5.4513),
+        bandit=(-0.8164, 2.9531)),
+    "llama31-instruct-8b": dict(
+        model="meta-llama/Llama-3.1-8B-Instruct", c=2.0, end_token="<|eot_id|>", episodes=1,
+        rm="yyqoni/meta-llama-3.1-instruct-8b-{}-rm-700k",
+        recipe={"segment": {"end_penalty": -0.05}},
+        segment=(0.8345, 0.4780, 0.8798, 3.7358), token=(1.6268, 0.6254, 0.6419, 4.9217),
+        bandit=(-0.8281, 2.9375)),
+    # Not from the paper: sized for one small GPU, no released reward model (train-rm --preset
+    # writes it). c = 3.0: phrase-length segments (docs/smollm2.md); learning rates not tuned.
+    "smollm2-135m": dict(
+        model="HuggingFaceTB/SmolLM2-135M-Instruct", c=3.0, end_token="<|im_end|>", episodes=1,
+        rm=None, recipe={}, rm_sizes=dict(lr=1e-5, batch_size=64, max_len=1024, max_prompt_len=768),
+        ppo_sizes=dict(lr=1e-6, critic_lr=1e-5, batch_size=256, mini_batch_size=32, grad_accum=4,
+                       max_prompt_len=512, max_new_tokens=512, max_len=1024)),
+}
+PAPER_RM = dict(dataset="hendrydong/preference_700K", lr=1e-6, epochs=1, batch_size=128,
+                grad_accum=16, max_len=2048, max_prompt_len=1728, eval_size=1000,
+                norm_samples=60000, long_pairs="truncate")
+PAPER_PPO = dict(dataset="argilla/ultrafeedback-binarized-preferences-cleaned", lr=5e-7,
+                 critic_lr=9e-6, batch_size=1024, mini_batch_size=128, grad_accum=16, ppo_epochs=1,
+                 max_prompt_len=1024, max_new_tokens=1024, max_len=2048, beta=0.01,
+                 missing_eos_penalty=0.0)
+# fmt: on
+PAPER_BOTH = dict(bf16=True, gradient_checkpointing=True, min_lr_ratio=0.1, head_init="authors")
 
 # ----------------------------------------------------------------------------------------------
 # 1. Entropy segmentation. The frozen reference model reads prompt + response once; its entropy
@@ -601,24 +639,41 @@ def add_entropies_batch(rows, ref_model, pad_id, device):
 
 def add_entropies(ds, args, accelerator, model_path, tokenizer):
     """Reference entropies for every pair, cached on disk and keyed on what they depend on (the
-    encoded data, the reference weights): one forward per example for the whole run. An entry is
-    a folder written through atomic(): the half file datasets leaves on a full disk goes with it."""
+    encoded data, the reference weights): one forward per example for the whole run, each process
+    computing its contiguous share. Every part, and the entry that gathers them, is a folder
+    written through atomic(): the half file datasets leaves on a full disk goes with it."""
     key = json.dumps([ds._fingerprint, stamp(model_path)])
     name = f"entropy-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
     inputs = [model_path, args.dataset, getattr(args, "reward_model", "")]
     cache = os.path.join(cache_dir("entropy", inputs), name)
-    # The main process computes, the others read its file; the lock holds off another run that
-    # computes the same entropies at the same time.
-    with accelerator.main_process_first(), FileLock(cache + ".lock"):
-        if not os.path.exists(cache):  # a cache hit loads no reference model
+    rank, world = accelerator.process_index, accelerator.num_processes
+    part = lambda i: f"{cache}.part-{i}-of-{world}"  # noqa: E731
+    # The locks hold off another run that computes the same entropies at the same time.
+    with FileLock(part(rank) + ".lock"):
+        if not os.path.exists(cache) and not os.path.exists(part(rank)):  # a hit loads no model
             pad, device = tokenizer.pad_token_id, accelerator.device
             ref = load_model(model_path, "causal", args.bf16, tokenizer).eval().to(device)
             body = functools.partial(add_entropies_batch, ref_model=ref, pad_id=pad, device=device)
-            with atomic(cache) as tmp:
+            with atomic(part(rank)) as tmp:
                 os.makedirs(tmp)
                 file = os.path.join(tmp, "entropy.arrow")
-                ds.map(body, batched=True, batch_size=64, cache_file_name=file, desc="entropies")
-        return datasets.Dataset.from_file(os.path.join(cache, "entropy.arrow"))
+                share = ds.shard(world, rank, contiguous=True)
+                share.map(body, batched=True, batch_size=64, cache_file_name=file, desc="entropies")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with FileLock(cache + ".lock"):
+            if not os.path.exists(cache):  # the parts, in order, become the entry
+                with atomic(cache) as tmp:
+                    os.makedirs(tmp)
+                    for i in range(world):
+                        into = os.path.join(tmp, f"entropy-{i:05d}.arrow")
+                        os.link(os.path.join(part(i), "entropy.arrow"), into)  # no copy
+                for i in range(world):
+                    shutil.rmtree(part(i))
+    accelerator.wait_for_everyone()
+    files = sorted(f for f in os.listdir(cache) if re.fullmatch(r"entropy(-\d+)?\.arrow", f))
+    parts = [datasets.Dataset.from_file(os.path.join(cache, f)) for f in files]
+    return datasets.concatenate_datasets(parts)
 
 
 def pair_collate(pad_id, bandit):
@@ -2132,46 +2187,7 @@ def check_finite(accelerator, value, what, step):
 
 
 # ----------------------------------------------------------------------------------------------
-# Reward model settings and the paper's presets.
-
-# The paper's runs: model, cutoff c, end token, episodes, released reward models, the authors'
-# fitted normalizers (a_mu, a_sigma, b_mu, b_sigma) at c and at c = 0, the bandit's (mean, std),
-# and the reward tweaks of their runs by reward mode (see token_rewards).
-# fmt: off
-PAPER_MODELS = {
-    "phi3-mini": dict(
-        model="microsoft/Phi-3-mini-4k-instruct", c=1.75, end_token="<|end|>", episodes=2,
-        rm="yyqoni/Phi-3-mini-4k-instruct-{}-rm-700k", recipe={},
-        segment=(0.7668, 0.2569, 0.4705, 2.8339), token=(0.9628, 0.3796, 1.2917, 3.5006),
-        bandit=(-0.5195, 2.1563)),
-    "llama3-sft-8b": dict(
-        model="RLHFlow/LLaMA3-SFT-v2", c=2.0, end_token="<|eot_id|>", episodes=1,
-        rm="yyqoni/rlhflow-llama-3-sft-8b-v2-{}-rm-700k", recipe={"token": {"length_norm": True}},
-        segment=(0.8967, 0.5680, 0.8572, 4.1667), token=(1.7340, 0.9906, 1.3212, 5.4513),
-        bandit=(-0.8164, 2.9531)),
-    "llama31-instruct-8b": dict(
-        model="meta-llama/Llama-3.1-8B-Instruct", c=2.0, end_token="<|eot_id|>", episodes=1,
-        rm="yyqoni/meta-llama-3.1-instruct-8b-{}-rm-700k",
-        recipe={"segment": {"end_penalty": -0.05}},
-        segment=(0.8345, 0.4780, 0.8798, 3.7358), token=(1.6268, 0.6254, 0.6419, 4.9217),
-        bandit=(-0.8281, 2.9375)),
-    # Not from the paper: sized for one small GPU, no released reward model (train-rm --preset
-    # writes it). c = 3.0: phrase-length segments (docs/smollm2.md); learning rates not tuned.
-    "smollm2-135m": dict(
-        model="HuggingFaceTB/SmolLM2-135M-Instruct", c=3.0, end_token="<|im_end|>", episodes=1,
-        rm=None, recipe={}, rm_sizes=dict(lr=1e-5, batch_size=64, max_len=1024, max_prompt_len=768),
-        ppo_sizes=dict(lr=1e-6, critic_lr=1e-5, batch_size=256, mini_batch_size=32, grad_accum=4,
-                       max_prompt_len=512, max_new_tokens=512, max_len=1024)),
-}
-PAPER_RM = dict(dataset="hendrydong/preference_700K", lr=1e-6, epochs=1, batch_size=128,
-                grad_accum=16, max_len=2048, max_prompt_len=1728, eval_size=1000,
-                norm_samples=60000, long_pairs="truncate")
-PAPER_PPO = dict(dataset="argilla/ultrafeedback-binarized-preferences-cleaned", lr=5e-7,
-                 critic_lr=9e-6, batch_size=1024, mini_batch_size=128, grad_accum=16, ppo_epochs=1,
-                 max_prompt_len=1024, max_new_tokens=1024, max_len=2048, beta=0.01,
-                 missing_eos_penalty=0.0)
-# fmt: on
-PAPER_BOTH = dict(bf16=True, gradient_checkpointing=True, min_lr_ratio=0.1, head_init="authors")
+# Presets (their tables are under the configuration) and reward model settings.
 
 
 def preset_defaults(name, command):

@@ -1748,12 +1748,20 @@ def test_two_processes_train_like_one_with_the_same_global_batch(toy, tmp_path):
         else:
             launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                       "--nproc_per_node", str(n)]  # fmt: skip
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            cache = str(tmp_path / "cache")  # entropies computed afresh, not read back
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "SEGMENT_RLHF_CACHE": cache}
             subprocess.run(launch + [S.__file__, *argv], check=True, capture_output=True, env=env)
         return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
     one, two = run(1, tmp_path / "ddp1"), run(2, tmp_path / "ddp2")
     assert [r["processes"] for r in one + two] == [1, 2]
+    # each process computed its half of the entropies, gathered into one entry
+    entries = os.listdir(tmp_path / "cache" / "entropy")
+    (entry,) = [e for e in entries if not e.endswith(".lock")]
+    parts = sorted(
+        f for f in os.listdir(tmp_path / "cache" / "entropy" / entry) if f.startswith("entropy-")
+    )
+    assert parts == ["entropy-00000.arrow", "entropy-00001.arrow"]
     for a, b in zip(one, two):
         for key in (
             "rm/loss",
