@@ -586,11 +586,9 @@ def train_rm(args):
     settings.update({} if args.dataset else {"toy_lists": args.toy_lists})  # what it answers
     if accelerator.is_main_process:
         write_rm_settings(args.output_dir, settings)
-    result = {
-        "eval_accuracy": round(metrics["rm/accuracy"], 4),
-        "rm/loss": round(metrics["rm/loss"], 4),
-        "segment/per_response": round(metrics["segment/per_response"], 2),
-    }
+    names = {"eval_accuracy": "rm/accuracy", "rm/loss": "rm/loss"}
+    result = {key: round(metrics[name], 4) for key, name in names.items()}
+    result["segment/per_response"] = round(metrics["segment/per_response"], 2)
     result.update(toy_rm_report(args, accelerator, model_path, tokenizer))  # the toy only
     result.update(output_dir=RUN["given"], entropy_threshold=args.entropy_threshold)
     return finish_run(args, accelerator, result)
@@ -815,9 +813,7 @@ def fit_norm(args):
         if plot:  # first: a failing plot leaves the settings as they were
             from benchmarks.extras import plot_normalizer
 
-            with atomic(
-                plot
-            ) as tmp:  # a new file: a hard link to the plot's path is left as it was
+            with atomic(plot) as tmp:  # a new file: a hard link to its path keeps its own
                 plot_normalizer(tmp, positions, rewards, settings["normalizer"])
         for name in [] if in_place else os.listdir(args.reward_model):  # not its run records
             path = os.path.join(args.reward_model, name)
@@ -884,9 +880,8 @@ def ppo(args):
             save_checkpoint(accelerator, args, where)
     after = evaluate_policy(models, eval_loader, args, settings)
     save_model(accelerator, policy, tokenizer, args.output_dir)
-    keys = ("reward",) if args.dataset else ("reward", "toy_score", "flawed_rate")
     pairs = (("before", before), ("after", after))
-    result = {f"{k}_{when}": round(d[k], 4) for k in keys for when, d in pairs}
+    result = {f"{k}_{when}": round(d[k], 4) for k in before for when, d in pairs}
     result.update(kl=round(metrics["ppo/kl"], 4), reward_mode=args.reward_mode)
     return finish_run(args, accelerator, {**result, "output_dir": RUN["given"]})
 
