@@ -39,6 +39,7 @@ import random
 import re
 import shutil
 import signal
+import struct
 import sys
 import time
 import types
@@ -640,7 +641,9 @@ def add_entropies(ds, args, accelerator, model_path, tokenizer):
     encoded data, the reference weights): one forward per example for the whole run, each process
     computing its contiguous share. Every part, and the entry that gathers them, is a folder
     written through atomic(): the half file datasets leaves on a full disk goes with it."""
-    key = json.dumps([ds._fingerprint, stamp(model_path)])
+    # (the data's fingerprint follows the file's name, size and time, not its content: hence the
+    # data's own stamp)
+    key = json.dumps([ds._fingerprint, stamp(model_path), stamp(args.dataset)])
     name = f"entropy-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
     inputs = [model_path, args.dataset, getattr(args, "reward_model", "")]
     cache = os.path.join(cache_dir("entropy", inputs), name)
@@ -780,6 +783,10 @@ def fit_norm(args):
     accelerator = make_accelerator(args)
     settings = load_rm_settings(args.reward_model)
     check_fits(args, settings)
+    if not args.dataset and "toy_lists" not in settings:  # the toy pairs fit the toy's RM only
+        fail(
+            f"{args.reward_model} was not trained on the toy: pass the --dataset it was trained on"
+        )
     threshold = settings["entropy_threshold"]
     ref_path = reference_model(args, settings)
     # the reference model only loads if its entropies are not cached (add_entropies)
@@ -1077,7 +1084,10 @@ def ppo_models(args, accelerator, settings, tokenizer):
     m.ref_logits, m.pad_id = ref_logits, tokenizer.pad_token_id
     end_id = end_token_id(tokenizer, args.end_token or settings["end_token"])
     eos = policy.generation_config.eos_token_id  # an id, a list, or None
-    m.stop_ids = sorted({end_id, *(eos if isinstance(eos, list) else [] if eos is None else [eos])})
+    eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(isinstance(i, int) for i in eos):
+        fail(f"{path}: generation_config.json's eos_token_id must be token ids, got {eos}")
+    m.stop_ids = sorted({end_id, *eos})
     m.accelerator, m.tokenizer = accelerator, tokenizer
     return m
 
@@ -1153,9 +1163,13 @@ def sft_loader(args, tokenizer):
         prompt_ids, response_ids = encode(tokenizer, prompt, response, args.max_prompt_len, end_id)
         ids = (prompt_ids + response_ids)[: args.max_len]
         labels = ([-100] * len(prompt_ids) + response_ids)[: args.max_len]
-        return {"input_ids": ids, "labels": labels}
+        cut = len(labels) < len(prompt_ids + response_ids)
+        return {"input_ids": ids, "labels": labels, "cut": cut}
 
     ds = ds.map(encode_row, with_indices=True, remove_columns=ds.column_names)
+    if cut := sum(ds["cut"]):  # trained on, but never on their end token
+        say(f"sft: {cut} of {len(ds)} examples cut at --max-len {args.max_len}, end token and all")
+    ds = ds.remove_columns("cut")
     collate = DataCollatorForSeq2Seq(tokenizer, padding=True)  # labels padded with -100
     return DataLoader(ds, args.batch_size // args.grad_accum, shuffle=True, collate_fn=collate)
 
@@ -1234,6 +1248,8 @@ def segment(args):
     if len(given) > 1:
         fail(f"{' and '.join(given)} are two inputs: pass one of them")
     settings = load_rm_settings(args.reward_model) if args.reward_model else {}
+    if settings:
+        check_fits(args, settings)
     threshold = args.entropy_threshold
     threshold = settings.get("entropy_threshold", 1.0) if threshold is None else threshold
     model_path = reference_model(args, settings) if settings else toy_model(args.model or TOY_SFT)
@@ -1558,8 +1574,8 @@ def toy_model(path):
 
 
 def fail(msg):
-    """Bad input: one clear line and a non-zero exit, never a traceback."""
-    raise SystemExit(f"segment_rlhf: error: {msg}")
+    """Bad input: one clear line (a newline in a path too) and a non-zero exit, no traceback."""
+    raise SystemExit(f"segment_rlhf: error: {msg}".replace("\n", "\\n"))
 
 
 def say(msg=""):
@@ -1576,8 +1592,12 @@ def load_rows(name, split="train"):
     if not (file or os.path.isdir(name) or is_hub_id(name)):
         fail(f"dataset {name!r} is neither a hub id (org/name) nor a .json/.jsonl/.parquet file")
     builder, files = (ext.replace("jsonl", "json"), name) if file else (name, None)
+    # datasets knows a local file by its size and time: one edited in place came back from its
+    # old cache. A cache of its own per content cannot be stale.
+    local = file or os.path.isdir(name)
+    where = cache_dir(os.path.join("data", stamp(name)), [name]) if local else None
     try:
-        ds = datasets.load_dataset(builder, data_files=files, split=split)
+        ds = datasets.load_dataset(builder, data_files=files, split=split, cache_dir=where)
     except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError) as e:
         what = f"{ext} records, one per example" if file else "a dataset"
         fail(f"could not read {name}: it must hold {what} ({first_line(e)})")
@@ -1594,7 +1614,12 @@ def split_pair(row, tokenizer, i):
         prompt = shared[: max(shared.rfind(" "), shared.rfind("\n"), 0)]
         return prompt, chosen[len(prompt) :], rejected[len(prompt) :]
     if isinstance(chosen, list) and isinstance(rejected, list) and chosen and rejected:
-        row = maybe_extract_prompt(row)
+        # TRL takes a string prompt beside two conversations for a copy of their first turns
+        # (UltraFeedback's layout); where it is none, extracting them would drop the prompt
+        extracted, prompt = maybe_extract_prompt(row), row.get("prompt")
+        turns = extracted["prompt"]
+        if not isinstance(prompt, str) or turns and turns[-1].get("content") == prompt:
+            row = extracted
     prompt, chosen = split_conversation(row, "chosen", tokenizer, i)
     other, rejected = split_conversation(row, "rejected", tokenizer, i)
     if other != prompt:  # a pair compares two answers to one prompt
@@ -1775,14 +1800,18 @@ def model_folder(path):
     if path.endswith(".gguf") and os.path.isfile(path):
         from benchmarks.extras import gguf_folder  # converted on first use, into the cache
 
-        return gguf_folder(os.path.abspath(path), cache_dir("gguf", [path]))
+        try:
+            return gguf_folder(os.path.abspath(path), cache_dir("gguf", [path]))
+        except (ValueError, KeyError, TypeError, AttributeError, struct.error) as e:
+            fail(f"could not read the GGUF file {path}: {first_line(e)}")
     if not os.path.isdir(path) and not is_hub_id(path):
-        fail(f"model {path!r} does not exist (pass a directory, a .gguf file or a hub id)")
+        what = "is not a model folder" if os.path.exists(path) else "does not exist"
+        fail(f"model {path!r} {what} (pass a directory, a .gguf file or a hub id)")
     return path
 
 
 # What transformers raises for a missing, damaged or mistyped file of a model folder.
-DAMAGED = (OSError, ValueError, RuntimeError, TypeError, KeyError, SafetensorError)
+DAMAGED = (OSError, ValueError, RuntimeError, TypeError, KeyError, AttributeError, SafetensorError)
 DAMAGED += (StrictDataclassError,)
 
 
@@ -1916,6 +1945,7 @@ def save_model(accelerator, model, tokenizer, output_dir):
 # result.json), and one error boundary (main).
 
 RUN = {}  # the run this process writes: its directories, lock, and whether it made the directory
+CAUGHT = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}  # Ctrl-C, `timeout` / schedulers, hang-up
 
 
 def make_accelerator(args):
@@ -1965,11 +1995,13 @@ def output_path(path, inputs, flag, kind="file"):
     """The one rule for every path a command writes: resolved (symlinks, '..', a trailing '/')
     before anything is built from it, never an input nor inside or around one, and of its kind:
     a file in an existing, writable folder, or a folder."""
-    real = os.path.realpath(path)
-    if kind == "folder" and os.path.isfile(real):
+    real, there = os.path.realpath(path), os.path.exists(os.path.realpath(path))
+    if kind == "folder" and there and not os.path.isdir(real):
         fail(f"{flag} {path} is a file; pass a directory")
-    if kind == "file" and (os.path.isdir(real) or not os.access(os.path.dirname(real), os.W_OK)):
-        fail(f"{flag} {path} cannot be written: a folder, or its folder is missing or read-only")
+    # a device or a pipe too: the rename of atomic() would put a plain file in its place
+    plain = not there or os.path.isfile(real)
+    if kind == "file" and not (plain and os.access(os.path.dirname(real), os.W_OK)):
+        fail(f"{flag} {path} cannot be written: not a plain file, or no writable folder")
     for p in filter(os.path.exists, filter(None, inputs)):
         if os.path.commonpath([real, os.path.realpath(p)]) in (real, os.path.realpath(p)):
             fail(f"{flag} {path} would overwrite the input {p}; pass another one")
@@ -2061,9 +2093,14 @@ def finish_run(args, accelerator, result):
         if RUN["work"] != RUN["final"]:
             aside = RUN["final"] + ".replaced"
             shutil.rmtree(aside, ignore_errors=True)
-            if os.path.isdir(RUN["final"]):
-                os.replace(RUN["final"], aside)
-            os.replace(RUN["work"], RUN["final"])
+            # no signal between the two renames: OUT holds the old run or the new one, never none
+            signal.pthread_sigmask(signal.SIG_BLOCK, CAUGHT)
+            try:
+                if os.path.isdir(RUN["final"]):
+                    os.replace(RUN["final"], aside)
+                os.replace(RUN["work"], RUN["final"])
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, CAUGHT)
             shutil.rmtree(aside, ignore_errors=True)
     accelerator.wait_for_everyone()
     args.output_dir, RUN["created"] = RUN["given"], False
@@ -2227,6 +2264,7 @@ def load_rm_settings(path):
     config = read_json(file, "model config") if os.path.isfile(file) else {}
     if "segment_rlhf" not in config:
         why = "has no segment_rlhf settings in its config.json: train it with train-rm, or --preset"
+        why = why if os.path.isdir(path) or is_hub_id(path) else "is not a folder"
         stored = released_rm_settings(path) or fail(f"reward model {path!r} {why}")
     elif not isinstance(stored := config["segment_rlhf"], dict):
         fail(f"{file}: segment_rlhf must hold the settings object; retrain with train-rm")
@@ -2242,6 +2280,7 @@ def load_rm_settings(path):
     ok = ok and all(math.isfinite(v) for v in numbers[1:]) and c >= 0 and s.get("std", 1) > 0
     ok = ok and 0 < s.get("min_position", 1) <= 1 and all(isinstance(t, str) for t in texts)
     ok = ok and (norm is None or isinstance(norm, list) and len(norm) == 4 and norm[3] > 0)
+    ok = ok and s.get("toy_lists", 1) in range(1, 9) and not isinstance(s.get("toy_lists"), bool)
     if not ok:
         fail(f"{file}: the settings hold non-finite or malformed values; refit with fit-norm")
     if (ref := s["reference_model"]).startswith("."):  # relative to the RM (write_rm_settings)
@@ -2272,7 +2311,8 @@ def write_rm_settings(rm_dir, settings, backup=False):
 def check_fits(args, settings):
     """A reward model scores answers like those it was trained on: closed by its end token, and
     on the toy, of as many lists."""
-    lists, trained = args.toy_lists, settings.get("toy_lists", args.toy_lists)
+    trained = settings.get("toy_lists", getattr(args, "toy_lists", 1))
+    lists = getattr(args, "toy_lists", trained)  # segment: the reward model's
     if not args.dataset and trained != lists:
         again = f"pass another --reward-model or --toy-lists {trained}"
         fail(f"{args.reward_model} answers the toy's --toy-lists {trained}, not {lists}: {again}")
@@ -2466,6 +2506,10 @@ def main(argv=None):
             while cause is not None and not isinstance(cause, KeyboardInterrupt):
                 cause = cause.__cause__ or cause.__context__
             raise cause or e
+        print(json.dumps(result))
+    except BrokenPipeError:  # stdout closed early (`| head`): quiet, as other tools are
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        raise SystemExit(128 + signal.SIGPIPE) from None
     except KeyboardInterrupt as e:  # 128 + the signal's number: 130 for SIGINT, 143 for SIGTERM
         how = f" by {e.args[0]}" if e.args else ""
         hint = "; resume with --resume" if command in ("train-rm", "ppo") else ""
@@ -2484,7 +2528,6 @@ def main(argv=None):
         close_run()  # a run that did not finish leaves no directory it created
         for sig in caught:
             signal.signal(sig, previous[sig])
-    print(json.dumps(result))
     return result
 
 

@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -578,6 +579,11 @@ def test_every_trl_preference_layout_gives_the_same_pairs(toy, tmp_path, ext):
             "prompt": PAIR["prompt"],
             **{k: user(PAIR["prompt"]) + assistant(PAIR[k]) for k in ("chosen", "rejected")},
         },
+        # a prompt string beside answers alone: TRL's extraction would take [] for the prompt
+        "prompt string and answers as turns": {
+            "prompt": PAIR["prompt"],
+            **{k: assistant(PAIR[k]) for k in ("chosen", "rejected")},
+        },
     }
     pairs = {}
     for name, row in layouts.items():
@@ -596,6 +602,12 @@ def test_every_trl_preference_layout_gives_the_same_pairs(toy, tmp_path, ext):
     assert (
         "Be brief." in tok.decode(pair["prompt_ids"]) and pair["chosen_ids"] == first["chosen_ids"]
     )
+    # a prompt string beside a system turn in the answers' conversations: kept, with the turn
+    beside = {"prompt": PAIR["prompt"]}
+    beside.update({k: [system["prompt"][0], *assistant(PAIR[k])] for k in ("chosen", "rejected")})
+    ds = S.load_rows(write_rows(tmp_path / f"beside.{ext}", [beside]))
+    text = tok.decode(S.prepare_pairs(ds, tok, S.RMArgs(), S.end_token_id(tok))[0]["prompt_ids"])
+    assert "Be brief." in text and text.count(PAIR["prompt"]) == 1
     # standard implicit: the shared prefix is the prompt, as TRL takes it
     implicit = {k: PAIR["prompt"] + " " + PAIR[k] for k in ("chosen", "rejected")}
     ds = S.load_rows(write_rows(tmp_path / f"implicit.{ext}", [implicit]))
@@ -1155,6 +1167,15 @@ def hostile(toy, tmp_path_factory):
     model_copy("rm_moved_ref", toy["rm"], settings={**good, "reference_model": "/nowhere/sft"})
     model_copy("bad_head", toy["rm"], edit=lambda p: resize_head(p / "model.safetensors"))
     model_copy("staged.incomplete", toy["sft"])  # a run's own staging name, given as its input
+    data_settings = {k: v for k, v in good.items() if k != "toy_lists"}  # trained on a dataset
+    model_copy("rm_from_data", toy["rm"], settings=data_settings)
+    model_copy("rm_text_lists", toy["rm"], settings={**good, "toy_lists": "1"})
+    bad_config = lambda name, text: lambda p: (p / name).write_text(text)  # noqa: E731
+    model_copy("bad_tok_config", toy["sft"], edit=bad_config("tokenizer_config.json", "[1, 2]"))
+    gen_config = bad_config("generation_config.json", '{"eos_token_id": "x"}')
+    model_copy("bad_gen_config", toy["sft"], edit=gen_config)
+    (tmp / "new\nline").mkdir()
+    (tmp / "new\nline" / "mine.txt").write_text("mine")
     raising = model_copy("raising_template", toy["sft"])  # a template that refuses everything
     tok = S.load_tokenizer(str(raising))
     tok.chat_template = "{{ raise_exception('no conversations') }}"
@@ -1391,6 +1412,37 @@ HOSTILE["values that would run wrong"] = {
     "a sampling temperature so low that nothing learns": (
         PPO + ["--temperature", "1e-30"],
         "--temperature must be in [0.1, inf), got 1e-30",
+    ),
+}
+HOSTILE["inputs found by a second probe"] = {
+    "segment with another end token than its reward model's": (
+        ["segment", "--reward-model", "{rm}", "--end-token", ","],
+        "was trained on answers closed by '<|end|>'; drop --end-token",
+    ),
+    "fit-norm of a reward model trained on a dataset, on the toy's pairs": (
+        ["fit-norm", "--reward-model", "{tmp}/rm_from_data"],
+        "rm_from_data was not trained on the toy: pass the --dataset it was trained on",
+    ),
+    "a tokenizer_config.json that holds a list": (
+        ["segment", "--model", "{tmp}/bad_tok_config", "--text", "hi"],
+        "could not load the tokenizer of",
+    ),
+    "an eos_token_id that is no token id": (
+        PPO + ["--reward-model", "{rm}", "--model", "{tmp}/bad_gen_config"],
+        "generation_config.json's eos_token_id must be token ids, got ['x']",
+    ),
+    "a reward model that does not exist": (
+        ["segment", "--reward-model", "{tmp}/nope"],
+        "reward model '{tmp}/nope' is not a folder",
+    ),
+    "a model that is a file": (RM + ["--model", "{tmp}/a_file"], "is not a model folder"),
+    "toy_lists of the wrong type in the settings": (
+        PPO + ["--reward-model", "{tmp}/rm_text_lists"],
+        "the settings hold non-finite or malformed values",
+    ),
+    "a path with a newline, on a folder not written by a run": (
+        RM + ["--output-dir", "{tmp}/new\nline"],
+        "new\\nline is not empty",
     ),
 }
 HOSTILE_CASES = [(kind, case) for kind in HOSTILE for case in HOSTILE[kind]]
@@ -2211,3 +2263,84 @@ def test_the_toy_models_are_never_built_over_another_run(toy, tmp_path, monkeypa
     with pytest.raises(SystemExit, match="holds a different run"):
         S.main([*PPO, "--output-dir", str(tmp_path / "ppo")])
     assert tree_hashes(tmp_path) == before
+
+
+def test_a_pipe_or_device_as_the_written_file_is_refused_and_left_as_it_is(toy, tmp_path):
+    """The rename that makes a write atomic would put a plain file where the pipe (or, for
+    --html /dev/null as root, the system's null device) was."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(SystemExit, match="cannot be written: not a plain file"):
+        S.main(["segment", "--model", toy["sft"], "--html", str(fifo)])
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_a_data_file_edited_in_place_is_read_anew(toy, tmp_path, monkeypatch):
+    """datasets knows a local file by its size and time: the same size and time, other rows (here
+    chosen and rejected swapped) must give the new rows and new entropies, not the cached ones."""
+    monkeypatch.setenv("SEGMENT_RLHF_CACHE", str(tmp_path / "cache"))
+    seen, entropies = [], S.add_entropies_batch
+    monkeypatch.setattr(
+        S, "add_entropies_batch", lambda rows, **k: seen.append(rows) or entropies(rows, **k)
+    )
+    rows = S.toy_preference_rows(40, seed=3)
+    data = write_rows(tmp_path / "pairs.jsonl", rows)
+    argv = ["train-rm", "--model", toy["sft"], "--dataset", data, "--eval-size", "8",
+            "--epochs", "1"]  # fmt: skip
+    S.main([*argv, "--output-dir", str(tmp_path / "a")])
+    when = os.stat(data).st_mtime_ns
+    write_rows(
+        tmp_path / "pairs.jsonl",
+        [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows],
+    )
+    os.utime(data, ns=(when, when))
+    assert S.load_rows(data)[0]["chosen"] == rows[0]["rejected"]
+    S.main([*argv, "--output-dir", str(tmp_path / "b")])
+    assert sum(len(r["prompt_ids"]) for r in seen) == 80  # the second run computed them again
+
+
+def test_a_damaged_gguf_file_gets_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("SEGMENT_RLHF_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    with pytest.raises(SystemExit, match="could not read the GGUF file"):
+        S.main(["segment", "--model", str(bad), "--text", "hi"])
+
+
+def test_stdout_closed_early_is_quiet(toy):
+    shell = f"{shlex.quote(sys.executable)} {shlex.quote(S.__file__)} segment --model "
+    shell += f"{shlex.quote(toy['sft'])} | head -c 1; exit ${{PIPESTATUS[0]}}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, env=env)
+    assert out.returncode == 128 + signal.SIGPIPE and "Traceback" not in out.stderr, out.stderr
+    assert "Exception ignored" not in out.stderr and "error" not in out.stderr, out.stderr
+
+
+def test_sft_says_how_many_examples_lose_their_end_token(toy, capsys):
+    tok = S.load_tokenizer(toy["sft"])
+    S.sft_loader(S.SFTArgs(max_len=20, max_prompt_len=8), tok)
+    assert "sft: 3000 of 3000 examples cut at --max-len 20" in capsys.readouterr().err
+    S.sft_loader(S.SFTArgs(), tok)
+    assert "cut" not in capsys.readouterr().err
+
+
+def test_a_signal_between_the_renames_of_a_replacement_leaves_a_run_in_place(
+    toy, tmp_path, monkeypatch
+):
+    data = write_rows(tmp_path / "pairs.jsonl", S.toy_preference_rows(40, seed=3))
+    out = tmp_path / "rm"
+    argv = ["train-rm", "--model", toy["sft"], "--dataset", data, "--eval-size", "8",
+            "--epochs", "1", "--output-dir", str(out)]  # fmt: skip
+    S.main(argv)
+    rename = os.replace
+
+    def replace(src, dst):  # SIGTERM the moment the old run is moved aside
+        rename(src, dst)
+        if str(dst).endswith(".replaced"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(S.os, "replace", replace)
+    with pytest.raises(SystemExit):
+        S.main([*argv, "--seed", "1", "--overwrite"])
+    assert json.load(open(out / "args.json"))["seed"] == 1 and (out / "result.json").exists()
