@@ -650,27 +650,29 @@ def add_entropies(ds, args, accelerator, model_path, tokenizer):
     rank, world = accelerator.process_index, accelerator.num_processes
     part = lambda i: f"{cache}.part-{i}-of-{world}"  # noqa: E731
     # The locks hold off another run that computes the same entropies at the same time.
-    with FileLock(part(rank) + ".lock"):
-        if not os.path.exists(cache) and not os.path.exists(part(rank)):  # a hit loads no model
+    with FileLock(part(rank) + ".lock"):  # the part first: the merge removes it after
+        if not os.path.exists(part(rank)) and not os.path.exists(cache):  # a hit loads no model
             pad, device = tokenizer.pad_token_id, accelerator.device
             ref = load_model(model_path, "causal", args.bf16, tokenizer).eval().to(device)
             body = functools.partial(add_entropies_batch, ref_model=ref, pad_id=pad, device=device)
             with atomic(part(rank)) as tmp:
                 os.makedirs(tmp)
                 file = os.path.join(tmp, "entropy.arrow")
-                share = ds.shard(world, rank, contiguous=True)
-                share.map(body, batched=True, batch_size=64, cache_file_name=file, desc="entropies")
+                if rank < len(ds):  # more processes than rows: an empty share has no part
+                    share = ds.shard(world, rank, contiguous=True)
+                    batches = dict(batched=True, batch_size=64, desc="entropies")
+                    share.map(body, cache_file_name=file, **batches)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with FileLock(cache + ".lock"):
             if not os.path.exists(cache):  # the parts, in order, become the entry
                 with atomic(cache) as tmp:
                     os.makedirs(tmp)
-                    for i in range(world):
+                    for i in range(min(world, len(ds))):
                         into = os.path.join(tmp, f"entropy-{i:05d}.arrow")
                         os.link(os.path.join(part(i), "entropy.arrow"), into)  # no copy
-                for i in range(world):
-                    shutil.rmtree(part(i))
+            for i in range(world):
+                shutil.rmtree(part(i), ignore_errors=True)
     accelerator.wait_for_everyone()
     files = sorted(f for f in os.listdir(cache) if re.fullmatch(r"entropy(-\d+)?\.arrow", f))
     parts = [datasets.Dataset.from_file(os.path.join(cache, f)) for f in files]
@@ -998,7 +1000,9 @@ def ppo_update(models, mini, optimizers, args, step):
 def ppo_metrics(accelerator, tokenizer, data, stats, prompts, args):
     """One metrics row, averaged over the processes: rollout, losses, diagnostics, toy score."""
     mask, ends = data["mask"], data["ends"].float()
-    var = lambda x: masked_mean((x - masked_mean(x, mask)) ** 2, mask).clamp(min=1e-8)  # noqa: E731
+    var = lambda x: masked_mean((x - masked_mean(x, mask)) ** 2, mask)  # noqa: E731
+    # explained variance of the critic: 1 - Var(returns - values) / Var(returns)
+    explained = 1 - var(data["returns"] - data["values"]) / var(data["returns"]).clamp(min=1e-8)
     m = {
         "ppo/reward": data["score"].mean(),
         "ppo/kl": data["kl"].mean(),
@@ -1007,8 +1011,7 @@ def ppo_metrics(accelerator, tokenizer, data, stats, prompts, args):
         "segment/mean_length": mask.sum() / ends.sum().clamp(min=1),
         "ppo/stopped": data["stopped"].mean(),
         **{k: torch.stack([s[k] for s in stats]).mean() for k in stats[0]},
-        # explained variance of the critic: 1 - Var(returns - values) / Var(returns)
-        "ppo/explained_variance": 1 - var(data["returns"] - data["values"]) / var(data["returns"]),
+        "ppo/explained_variance": explained,
     }
     if not args.dataset:  # the exact checker exists for the toy task only
         m["ppo/toy_score"] = sum(toy_scores(tokenizer, prompts, data)) / len(prompts)
@@ -1599,6 +1602,8 @@ def load_rows(name, split="train"):
     try:
         ds = datasets.load_dataset(builder, data_files=files, split=split, cache_dir=where)
     except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError) as e:
+        if isinstance(cause := e.__cause__ or e.__context__, OSError):  # a full disk, say
+            fail(f"could not read {name}: {first_line(cause)}")
         what = f"{ext} records, one per example" if file else "a dataset"
         fail(f"could not read {name}: it must hold {what} ({first_line(e)})")
     return ds if len(ds) else fail(f"dataset {name} has no rows")
@@ -1618,7 +1623,8 @@ def split_pair(row, tokenizer, i):
         # (UltraFeedback's layout); where it is none, extracting them would drop the prompt
         extracted, prompt = maybe_extract_prompt(row), row.get("prompt")
         turns = extracted["prompt"]
-        if not isinstance(prompt, str) or turns and turns[-1].get("content") == prompt:
+        last = turns[-1] if isinstance(turns, list) and turns else None
+        if not isinstance(prompt, str) or isinstance(last, dict) and last.get("content") == prompt:
             row = extracted
     prompt, chosen = split_conversation(row, "chosen", tokenizer, i)
     other, rejected = split_conversation(row, "rejected", tokenizer, i)
@@ -2093,14 +2099,19 @@ def finish_run(args, accelerator, result):
         if RUN["work"] != RUN["final"]:
             aside = RUN["final"] + ".replaced"
             shutil.rmtree(aside, ignore_errors=True)
-            # no signal between the two renames: OUT holds the old run or the new one, never none
-            signal.pthread_sigmask(signal.SIG_BLOCK, CAUGHT)
+            # A signal between the two renames waits (noted, then raised): OUT holds the old run
+            # or the new one, never none. (A blocked mask would not do: another thread takes it.)
+            got = []
+            handlers = {s: signal.signal(s, lambda n, f: got.append(n)) for s in CAUGHT}
             try:
                 if os.path.isdir(RUN["final"]):
                     os.replace(RUN["final"], aside)
                 os.replace(RUN["work"], RUN["final"])
             finally:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, CAUGHT)
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
+            if got and callable(handlers[got[0]]):
+                handlers[got[0]](got[0], None)
             shutil.rmtree(aside, ignore_errors=True)
     accelerator.wait_for_everyone()
     args.output_dir, RUN["created"] = RUN["given"], False
@@ -2503,13 +2514,16 @@ def main(argv=None):
             # A Ctrl-C inside a torch context manager comes out as RuntimeError("trying to pop
             # from empty mode stack"), the interrupt as its context: that interrupt is raised.
             cause = e
-            while cause is not None and not isinstance(cause, KeyboardInterrupt):
+            for _ in range(100):  # (a chain of causes can loop back on itself)
+                if cause is None or isinstance(cause, KeyboardInterrupt):
+                    break
                 cause = cause.__cause__ or cause.__context__
-            raise cause or e
-        print(json.dumps(result))
-    except BrokenPipeError:  # stdout closed early (`| head`): quiet, as other tools are
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
-        raise SystemExit(128 + signal.SIGPIPE) from None
+            raise cause if isinstance(cause, KeyboardInterrupt) else e
+        try:
+            print(json.dumps(result), flush=True)
+        except BrokenPipeError:  # stdout closed early (`| head`): quiet, as other tools are
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+            raise SystemExit(128 + signal.SIGPIPE) from None
     except KeyboardInterrupt as e:  # 128 + the signal's number: 130 for SIGINT, 143 for SIGTERM
         how = f" by {e.args[0]}" if e.args else ""
         hint = "; resume with --resume" if command in ("train-rm", "ppo") else ""

@@ -1134,6 +1134,7 @@ def hostile(toy, tmp_path_factory):
         "two_prompts": [{"chosen": turns("q1", "a"), "rejected": turns("q2", "b")}],
         "blank": [{**pair, "chosen": "   "}] * 3,
         "int_prompts": [{"prompt": 3}] * 40,
+        "bare_turns": [{"prompt": "q", "chosen": ["a"], "rejected": ["b"]}],
     }
     for name, rows in files.items():
         write_rows(tmp / f"{name}.jsonl", rows)
@@ -1436,6 +1437,10 @@ HOSTILE["inputs found by a second probe"] = {
         "reward model '{tmp}/nope' is not a folder",
     ),
     "a model that is a file": (RM + ["--model", "{tmp}/a_file"], "is not a model folder"),
+    "a prompt string beside answers that are not turns": (
+        RM + ["--dataset", "{tmp}/bare_turns.jsonl"],
+        "a conversation must end with an assistant turn",
+    ),
     "toy_lists of the wrong type in the settings": (
         PPO + ["--reward-model", "{tmp}/rm_text_lists"],
         "the settings hold non-finite or malformed values",
