@@ -2519,11 +2519,11 @@ def main(argv=None):
                     break
                 cause = cause.__cause__ or cause.__context__
             raise cause if isinstance(cause, KeyboardInterrupt) else e
-        try:
-            print(json.dumps(result), flush=True)
-        except BrokenPipeError:  # stdout closed early (`| head`): quiet, as other tools are
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
-            raise SystemExit(128 + signal.SIGPIPE) from None
+        print(json.dumps(result), flush=True)
+    except BrokenPipeError:  # stdout closed early (`| head`, the segment view or the closing
+        # line): quiet, as other tools are; nothing else here writes to a pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        raise SystemExit(128 + signal.SIGPIPE) from None
     except KeyboardInterrupt as e:  # 128 + the signal's number: 130 for SIGINT, 143 for SIGTERM
         how = f" by {e.args[0]}" if e.args else ""
         hint = "; resume with --resume" if command in ("train-rm", "ppo") else ""
