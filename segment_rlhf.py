@@ -674,7 +674,7 @@ def add_entropies(ds, args, accelerator, model_path, tokenizer):
             for i in range(world):
                 shutil.rmtree(part(i), ignore_errors=True)
     accelerator.wait_for_everyone()
-    files = sorted(f for f in os.listdir(cache) if re.fullmatch(r"entropy(-\d+)?\.arrow", f))
+    files = sorted(f for f in os.listdir(cache) if f.startswith("entropy-"))  # not datasets' own
     parts = [datasets.Dataset.from_file(os.path.join(cache, f)) for f in files]
     return datasets.concatenate_datasets(parts)
 
@@ -786,9 +786,8 @@ def fit_norm(args):
     settings = load_rm_settings(args.reward_model)
     check_fits(args, settings)
     if not args.dataset and "toy_lists" not in settings:  # the toy pairs fit the toy's RM only
-        fail(
-            f"{args.reward_model} was not trained on the toy: pass the --dataset it was trained on"
-        )
+        why = "was not trained on the toy: pass the --dataset it was trained on"
+        fail(f"{args.reward_model} {why}")
     threshold = settings["entropy_threshold"]
     ref_path = reference_model(args, settings)
     # the reference model only loads if its entropies are not cached (add_entropies)
@@ -2001,11 +2000,11 @@ def output_path(path, inputs, flag, kind="file"):
     """The one rule for every path a command writes: resolved (symlinks, '..', a trailing '/')
     before anything is built from it, never an input nor inside or around one, and of its kind:
     a file in an existing, writable folder, or a folder."""
-    real, there = os.path.realpath(path), os.path.exists(os.path.realpath(path))
-    if kind == "folder" and there and not os.path.isdir(real):
+    real = os.path.realpath(path)
+    if kind == "folder" and os.path.exists(real) and not os.path.isdir(real):
         fail(f"{flag} {path} is a file; pass a directory")
     # a device or a pipe too: the rename of atomic() would put a plain file in its place
-    plain = not there or os.path.isfile(real)
+    plain = not os.path.exists(real) or os.path.isfile(real)
     if kind == "file" and not (plain and os.access(os.path.dirname(real), os.W_OK)):
         fail(f"{flag} {path} cannot be written: not a plain file, or no writable folder")
     for p in filter(os.path.exists, filter(None, inputs)):
@@ -2322,9 +2321,9 @@ def write_rm_settings(rm_dir, settings, backup=False):
 def check_fits(args, settings):
     """A reward model scores answers like those it was trained on: closed by its end token, and
     on the toy, of as many lists."""
-    trained = settings.get("toy_lists", getattr(args, "toy_lists", 1))
-    lists = getattr(args, "toy_lists", trained)  # segment: the reward model's
-    if not args.dataset and trained != lists:
+    lists = getattr(args, "toy_lists", None)  # segment has none: it shows the reward model's
+    trained = settings.get("toy_lists", lists)
+    if lists and not args.dataset and trained != lists:
         again = f"pass another --reward-model or --toy-lists {trained}"
         fail(f"{args.reward_model} answers the toy's --toy-lists {trained}, not {lists}: {again}")
     if args.end_token and args.end_token != settings.get("end_token", args.end_token):
@@ -2483,7 +2482,7 @@ def interrupt(signum, frame):
 
 
 def main(argv=None):
-    command, caught = None, (signal.SIGTERM, signal.SIGHUP)
+    command, caught = None, CAUGHT - {signal.SIGINT}  # Ctrl-C raises KeyboardInterrupt itself
     previous = {sig: signal.signal(sig, interrupt) for sig in caught}
     # transformers reports a fresh scalar head as MISSING, which reads like an error (load_model
     # checks the loading info itself); and, so quieted, which layers were "not sharded" on one GPU.
