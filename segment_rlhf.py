@@ -533,7 +533,7 @@ def train_rm(args):
     ds = rm_pairs(args, tokenizer)
     if done := start_run(args, "train-rm", accelerator, [model_path, args.dataset]):
         return done
-    model, optimizer, scheduler, train_loader, eval_loader, split = rm_setup(
+    model, optimizer, train_loader, eval_loader, scheduler, split = rm_setup(
         args, accelerator, model_path, tokenizer, ds
     )
     # Where training stands: optimizer steps, epoch, batches done in it, the epoch's loss so far.
@@ -611,9 +611,7 @@ def rm_setup(args, accelerator, model_path, tokenizer, ds):
     model = trainable(init_head(model, args.head_init), args, "value")
     steps = args.epochs * math.ceil(len(train_loader) / args.grad_accum)
     optimizer, scheduler = make_optimizer(model, args, steps)
-    prepared = accelerator.prepare(model, optimizer, train_loader, eval_loader, scheduler)
-    model, optimizer, train_loader, eval_loader, scheduler = prepared
-    return model, optimizer, scheduler, train_loader, eval_loader, split
+    return *accelerator.prepare(model, optimizer, train_loader, eval_loader, scheduler), split
 
 
 @torch.no_grad()
@@ -657,11 +655,10 @@ def add_entropies(ds, args, accelerator, model_path, tokenizer):
             body = functools.partial(add_entropies_batch, ref_model=ref, pad_id=pad, device=device)
             with atomic(part(rank)) as tmp:
                 os.makedirs(tmp)
-                file = os.path.join(tmp, "entropy.arrow")
                 if rank < len(ds):  # more processes than rows: an empty share has no part
                     share = ds.shard(world, rank, contiguous=True)
                     batches = dict(batched=True, batch_size=64, desc="entropies")
-                    share.map(body, cache_file_name=file, **batches)
+                    share.map(body, cache_file_name=os.path.join(tmp, "entropy.arrow"), **batches)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with FileLock(cache + ".lock"):
@@ -798,8 +795,6 @@ def fit_norm(args):
         import matplotlib  # noqa: F401
     args.end_token = args.end_token or settings["end_token"]
     ds = rm_pairs(args, tokenizer)
-    # train-rm's split (the same --eval-size and --seed give the same pairs): the normalizer from
-    # the training pairs, the bandit's mean / std from the held-out ones, as train-rm fits them.
     split = ds.train_test_split(test_size=args.eval_size, seed=args.seed)
     n = min(args.norm_samples or len(split["train"]), len(split["train"]))
     pairs = f"{n} training pairs, the mean / std from {args.eval_size} held-out pairs"
@@ -811,8 +806,7 @@ def fit_norm(args):
         ds = datasets.concatenate_datasets([split["train"].select(range(n)), split["test"]])
         ds = add_entropies(ds, args, accelerator, ref_path, tokenizer)
         split = {"train": ds.select(range(n)), "test": ds.select(range(n, len(ds)))}
-    model = model.to(accelerator.device)
-    pad = tokenizer.pad_token_id
+    model, pad = model.to(accelerator.device), tokenizer.pad_token_id
     fitted, positions, rewards = fit_normalizer(args, accelerator, model, pad, threshold, split)
     if not all(math.isfinite(v) for v in [*fitted["normalizer"], fitted["mean"], fitted["std"]]):
         fail(f"the fit on {2 * n} responses is not finite; pass a larger --norm-samples")
@@ -845,11 +839,16 @@ def ppo(args):
     models = ppo_models(args, accelerator, settings, tokenizer)
     if done := start_run(args, "ppo", accelerator, [models.path, args.reward_model, args.dataset]):
         return done
-    opt_p, opt_c, sched_p, sched_c = ppo_optimizers(args, accelerator, models)
+    # AdamW and schedules, each prepared with its model: FSDP wraps models one call at a time.
+    opt_p, sched_p = make_optimizer(models.policy, args, args.steps)
+    critic_args = dataclasses.replace(args, lr=args.critic_lr)
+    opt_c, sched_c = make_optimizer(models.critic, critic_args, args.steps)
+    models.policy, opt_p = accelerator.prepare(models.policy, opt_p)
+    models.critic, opt_c = accelerator.prepare(models.critic, opt_c)
+    accelerator.register_for_checkpointing(sched_p, sched_c)
     policy, critic = models.policy, models.critic
-    state = load_checkpoint(accelerator, args) if args.resume else None
-    if state is None:
-        state = {"step": 0, "before": evaluate_policy(models, eval_loader, args, settings)}
+    resumed = load_checkpoint(accelerator, args) if args.resume else None
+    state = resumed or {"step": 0, "before": evaluate_policy(models, eval_loader, args, settings)}
     before, metrics = state["before"], state.get("metrics", {})
     quiet = not accelerator.is_local_main_process
     batches = prompt_batches(accelerator, loader, state["step"], args.steps)
@@ -1083,27 +1082,14 @@ def ppo_models(args, accelerator, settings, tokenizer):
         with unwrap(m.policy).disable_adapter():
             return forward(m.policy, seq, attn).logits
 
-    m.ref_logits, m.pad_id = ref_logits, tokenizer.pad_token_id
+    m.ref_logits, m.accelerator, m.tokenizer = ref_logits, accelerator, tokenizer
     end_id = end_token_id(tokenizer, args.end_token or settings["end_token"])
     eos = policy.generation_config.eos_token_id  # an id, a list, or None
     eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
     if not all(isinstance(i, int) for i in eos):
         fail(f"{path}: generation_config.json's eos_token_id must be token ids, got {eos}")
-    m.stop_ids = sorted({end_id, *eos})
-    m.accelerator, m.tokenizer = accelerator, tokenizer
+    m.pad_id, m.stop_ids = tokenizer.pad_token_id, sorted({end_id, *eos})
     return m
-
-
-def ppo_optimizers(args, accelerator, m):
-    """AdamW and schedules for the actor and the critic, prepared with their models (one model
-    per prepare call: FSDP wraps models one at a time)."""
-    opt_p, sched_p = make_optimizer(m.policy, args, args.steps)
-    critic_args = dataclasses.replace(args, lr=args.critic_lr)
-    opt_c, sched_c = make_optimizer(m.critic, critic_args, args.steps)
-    m.policy, opt_p = accelerator.prepare(m.policy, opt_p)
-    m.critic, opt_c = accelerator.prepare(m.critic, opt_c)
-    accelerator.register_for_checkpointing(sched_p, sched_c)
-    return opt_p, opt_c, sched_p, sched_c
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1118,8 +1104,7 @@ def sft(args):
         tokenizer = load_tokenizer(args.model)
         model = load_model(args.model, tokenizer=tokenizer)
     else:
-        tokenizer = build_toy_tokenizer(args.toy_lists)
-        model = build_toy_model(tokenizer)
+        tokenizer, model = build_toy(args.toy_lists)
     loader = sft_loader(args, tokenizer)
     total = args.epochs * math.ceil(len(loader) / args.grad_accum)
     optimizer, scheduler = make_optimizer(model, args, total)
@@ -1335,8 +1320,6 @@ TOY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
 TOY_DEMO = (
     "Name 6 fruits.",
     "Fruits: apple, cherry, fig, kiwi, mango, plum.",
@@ -1396,9 +1379,8 @@ def toy_read(prompt, response):
     response = response.strip()
     heads = list(re.finditer(r"(?:^|(?<= ))([A-Z]\w*): ", response))
     asks = re.findall(r"(\d+) (\w+)", named.group(1)) if named else []
-    if not asks or [m.group(1) for m in heads] != [c.capitalize() for _, c in asks]:
-        return None
-    if heads[0].start() > 0:  # text before the first header
+    headers = [m.group(1) for m in heads] == [c.capitalize() for _, c in asks]
+    if not (asks and headers) or heads[0].start() > 0:  # or text before the first header
         return None
     ends = [m.start() for m in heads[1:]] + [len(response)]
     read = []
@@ -1524,9 +1506,10 @@ def toy_prompt_rows(n, seed=0, lists=1):
     return [{"prompt": toy_prompt(rng, lists)[0]} for _ in range(n)]
 
 
-def build_toy_tokenizer(lists=1):
-    """A byte-level BPE trained on the toy corpus, with a chat template: toy and hub models then
-    share every code path (apply_chat_template, end token, padding)."""
+def build_toy(lists=1):
+    """The toy's tokenizer and model, no download: a byte-level BPE trained on the toy corpus,
+    with a chat template (toy and hub models then share every code path: apply_chat_template, end
+    token, padding), and a ~0.8M-parameter Llama from a config."""
     rows = toy_preference_rows(2000, seed=123, lists=lists)
     corpus = [r["prompt"] + " " + r["chosen"] + " " + r["rejected"] for r in rows]
     special = ["<pad>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
@@ -1537,16 +1520,12 @@ def build_toy_tokenizer(lists=1):
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=special, initial_alphabet=alphabet)
     tok.train_from_iterator(corpus, trainer)
     tokens = dict(pad_token="<pad>", eos_token="<|end|>", chat_template=TOY_CHAT_TEMPLATE)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **tokens)
-
-
-def build_toy_model(tokenizer):
-    """A ~0.8M-parameter Llama from a config: no download."""
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **tokens)
     sizes = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4)
     sizes.update(num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True)
     ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=None, **sizes, **ids)
-    return LlamaForCausalLM(config)
+    return tokenizer, LlamaForCausalLM(config)
 
 
 def toy_model(path):
@@ -1596,8 +1575,7 @@ def load_rows(name, split="train"):
     builder, files = (ext.replace("jsonl", "json"), name) if file else (name, None)
     # datasets knows a local file by its size and time: one edited in place came back from its
     # old cache. A cache of its own per content cannot be stale.
-    local = file or os.path.isdir(name)
-    where = cache_dir(os.path.join("data", stamp(name)), [name]) if local else None
+    where = None if is_hub_id(name) else cache_dir(os.path.join("data", stamp(name)), [name])
     try:
         ds = datasets.load_dataset(builder, data_files=files, split=split, cache_dir=where)
     except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError) as e:
@@ -1645,9 +1623,6 @@ def split_conversation(row, key, tokenizer, index=0):
     return as_messages(row.get("prompt"), tokenizer, where, earlier), response
 
 
-ROLE = ("role", "content")  # what every turn of a conversation holds
-
-
 def as_messages(prompt, tokenizer, where, earlier=()):
     """A prompt as messages (a string: one user turn), or as text if it ends in the assistant's."""
     header = assistant_header(tokenizer)
@@ -1659,8 +1634,9 @@ def as_messages(prompt, tokenizer, where, earlier=()):
     messages = [*messages, *earlier]
     if not messages:
         fail(f"{where}: a conversation needs a prompt before the assistant's turn")
-    for turn in messages:
-        if not (isinstance(turn, dict) and all(isinstance(turn.get(k), str) for k in ROLE)):
+    for turn in messages:  # every turn holds a string role and content
+        fields = [turn.get("role"), turn.get("content")] if isinstance(turn, dict) else [None]
+        if not all(isinstance(v, str) for v in fields):
             fail(f"{where}: every turn needs a string 'role' and 'content', got {turn!r}")
     return messages
 
@@ -1732,9 +1708,8 @@ def prepare_pairs(ds, tokenizer, args, end_id):
             skip = "chosen identical to rejected"
         elif len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > max_len:
             skip = f"longer than --max-len {max_len}"
-        return dict(
-            prompt_ids=prompt_ids, chosen_ids=chosen_ids, rejected_ids=rejected_ids, skip=skip
-        )
+        ids = dict(prompt_ids=prompt_ids, chosen_ids=chosen_ids, rejected_ids=rejected_ids)
+        return {**ids, "skip": skip}
 
     ds = ds.map(encode_row, with_indices=True, remove_columns=ds.column_names)
     skipped = {reason: ds["skip"].count(reason) for reason in set(ds["skip"]) - {""}}
@@ -2024,11 +1999,10 @@ def start_run(args, command, accelerator, inputs, in_place=False):
     skip = ("overwrite", "resume", "save_every")  # a run is the same run whatever these say
     flags = [f.name for f in dataclasses.fields(args) if f.init and f.name not in skip]
     record = {"command": command, **{name: getattr(args, name) for name in flags}}
-    for key in ("model", "dataset", "reward_model"):  # one spelling of every path, as for OUT
-        if record.get(key) and os.path.exists(record[key]):
-            record[key] = os.path.realpath(record[key])
-    real = {p: os.path.realpath(p) if os.path.exists(p) else p for p in inputs if p}
-    record.update(output_dir=final, inputs={real[p]: stamp(p) for p in real})
+    real = lambda p: os.path.realpath(p) if p and os.path.exists(p) else p  # noqa: E731
+    for key in {"model", "dataset", "reward_model"} & set(record):  # one spelling, as for OUT
+        record[key] = real(record[key])
+    record.update(output_dir=final, inputs={real(p): stamp(p) for p in inputs if p})
     work = staged if args.resume and os.path.isfile(os.path.join(staged, "args.json")) else final
     mode = "in place" if in_place else run_mode(work, record, args)
     if mode == "finished":
