@@ -1083,7 +1083,7 @@ def ppo_models(args, accelerator, settings, tokenizer):
             return forward(m.policy, seq, attn).logits
 
     m.ref_logits, m.accelerator, m.tokenizer = ref_logits, accelerator, tokenizer
-    end_id = end_token_id(tokenizer, args.end_token or settings["end_token"])
+    end_id = end_token_id(tokenizer, settings["end_token"], args.reward_model)  # see check_fits
     eos = policy.generation_config.eos_token_id  # an id, a list, or None
     eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
     if not all(isinstance(i, int) for i in eos):
@@ -1177,7 +1177,7 @@ def segment_rewards(reward_model, conversations, model="", batch_size=16):
         for c in conversations
     ]
     pairs = [split_conversation(row, "response", tokenizer) for row in rows]
-    end_id = end_token_id(tokenizer, settings["end_token"])
+    end_id = end_token_id(tokenizer, settings["end_token"], reward_model)
     cut = cut_segments(tokenizer, ref, rm, pairs, settings["entropy_threshold"], end_id, batch_size)
     out = []
     for segments in cut:
@@ -1263,7 +1263,7 @@ def segment(args):
     if not all(response.strip() for _, _, response in shown):
         fail(f"the {shown[0][0]} is empty")
     end = args.end_token or settings.get("end_token", "")
-    end_id = None if args.text is not None else end_token_id(tokenizer, end)  # raw text: none
+    end_id = end_token_id(tokenizer, end, args.reward_model) if args.text is None else None
     cut = cut_segments(tokenizer, ref, rm, [(p, r) for _, p, r in shown], threshold, end_id)
     views = [
         {"title": title, "prompt": prompt and prompt[-1]["content"], "segments": segs}
@@ -1671,11 +1671,13 @@ def encode(tokenizer, prompt, response, max_prompt_len, end_id):
     return prompt_ids, response_ids + ([] if end_id is None else [end_id])
 
 
-def end_token_id(tokenizer, end_token=""):
+def end_token_id(tokenizer, end_token="", rm=None):
+    """The id of the token that closes every response: --end-token, reward model rm's, or eos."""
     token = end_token or tokenizer.eos_token
     token_id = tokenizer.convert_tokens_to_ids(token) if token else None
     if token_id is None or token_id == tokenizer.unk_token_id:
-        fail(f"end token {token!r} is not in the tokenizer's vocabulary; pass --end-token")
+        fix = f"{rm}'s settings name it: retrain with train-rm" if rm else "pass --end-token"
+        fail(f"end token {token!r} is not in the tokenizer's vocabulary; {fix}")
     return token_id
 
 
@@ -1798,8 +1800,8 @@ DAMAGED += (StrictDataclassError,)
 def load_tokenizer(path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_folder(path))
-    except DAMAGED as e:
-        fail(f"could not load the tokenizer of {path!r}: {first_line(e)}")
+    except DAMAGED as e:  # it reads config.json too
+        fail(f"could not load the tokenizer or config.json of {path!r}: {first_line(e)}")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # pad == eos is fine: masks mark the padding
     if tokenizer.chat_template is None:

@@ -1175,6 +1175,10 @@ def hostile(toy, tmp_path_factory):
     model_copy("bad_tok_config", toy["sft"], edit=bad_config("tokenizer_config.json", "[1, 2]"))
     gen_config = bad_config("generation_config.json", '{"eos_token_id": "x"}')
     model_copy("bad_gen_config", toy["sft"], edit=gen_config)
+    model_copy("rm_bad_end", toy["rm"], settings={**good, "end_token": "<|nope|>"})
+    config = json.load(open(os.path.join(toy["sft"], "config.json")))
+    text_layers = json.dumps({**config, "num_hidden_layers": "4"})
+    model_copy("text_layers", toy["sft"], edit=bad_config("config.json", text_layers))
     (tmp / "new\nline").mkdir()
     (tmp / "new\nline" / "mine.txt").write_text("mine")
     raising = model_copy("raising_template", toy["sft"])  # a template that refuses everything
@@ -1426,7 +1430,7 @@ HOSTILE["inputs found by a second probe"] = {
     ),
     "a tokenizer_config.json that holds a list": (
         ["segment", "--model", "{tmp}/bad_tok_config", "--text", "hi"],
-        "could not load the tokenizer of",
+        "could not load the tokenizer or config.json of",
     ),
     "an eos_token_id that is no token id": (
         PPO + ["--reward-model", "{rm}", "--model", "{tmp}/bad_gen_config"],
@@ -1448,6 +1452,16 @@ HOSTILE["inputs found by a second probe"] = {
     "a path with a newline, on a folder not written by a run": (
         RM + ["--output-dir", "{tmp}/new\nline"],
         "new\\nline is not empty",
+    ),
+}
+HOSTILE["inputs found by a third probe"] = {
+    "an end token in the settings that the tokenizer lacks": (
+        ["segment", "--reward-model", "{tmp}/rm_bad_end"],
+        "not in the tokenizer's vocabulary; {tmp}/rm_bad_end's settings name it: retrain",
+    ),
+    "a config.json number written as text": (
+        ["segment", "--model", "{tmp}/text_layers", "--text", "hi"],
+        "could not load the tokenizer or config.json of",
     ),
 }
 HOSTILE_CASES = [(kind, case) for kind in HOSTILE for case in HOSTILE[kind]]
