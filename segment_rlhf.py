@@ -195,7 +195,7 @@ BOUNDS = {
     "[0, inf)": "save_every lora_rank norm_samples episodes beta row",
     "(0, inf)": "clip_eps value_clip lora_alpha",
     "[0.1, inf)": "temperature",  # below, softmax(z / T) saturates: zero gradients, no learning
-    "(-inf, inf)": "missing_eos_penalty end_penalty",
+    "[-1e4, 1e4]": "missing_eos_penalty end_penalty",  # rewards are O(1); 1e39 overflows fp32
     "[2, inf)": "max_len",
     "[1, 8]": "toy_lists",
     "[1, inf)": "batch_size grad_accum epochs max_prompt_len eval_size steps mini_batch_size "

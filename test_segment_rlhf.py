@@ -1395,7 +1395,7 @@ HOSTILE["values that would run wrong"] = {
     "negative value clip": (PPO + ["--value-clip", "-1"], "--value-clip must be in (0, inf)"),
     "NaN missing-end penalty": (
         PPO + ["--missing-eos-penalty", "nan"],
-        "--missing-eos-penalty must be in (-inf, inf), got nan",
+        "--missing-eos-penalty must be in [-1e4, 1e4], got nan",
     ),
     "resume after the data file was replaced": (
         ["train-rm", "--model", "{sft}", "--epochs", "3", "--dataset", "{tmp}/pairs.jsonl"]
@@ -1462,6 +1462,10 @@ HOSTILE["inputs found by a third probe"] = {
     "a config.json number written as text": (
         ["segment", "--model", "{tmp}/text_layers", "--text", "hi"],
         "could not load the tokenizer or config.json of",
+    ),
+    "a missing-end penalty beyond float32": (
+        PPO + ["--missing-eos-penalty", "1e39"],
+        "--missing-eos-penalty must be in [-1e4, 1e4], got 1e+39",
     ),
 }
 HOSTILE_CASES = [(kind, case) for kind in HOSTILE for case in HOSTILE[kind]]
