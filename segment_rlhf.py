@@ -1752,12 +1752,16 @@ def prompt_splits(args, tokenizer):
     def encode_prompt(row, i):
         value, where = row[key], f"row {i}, column {key!r}"
         answered = isinstance(value, list) and value and isinstance(value[-1], dict)
-        if key != "prompt" and answered and value[-1].get("role") == "assistant":
+        if key == "chosen" and "rejected" in row:  # a preference pair: the prompt it shares
+            prompt = split_pair(row, tokenizer, i)[0]
+        elif key != "prompt" and answered and value[-1].get("role") == "assistant":
             prompt = split_conversation({key: value}, key, tokenizer, i)[0]  # minus its answer
         else:
             prompt = as_messages(value, tokenizer, where)
         text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
         ids = encode(tokenizer, prompt, "", args.max_prompt_len, None)[0]
+        if not ids:  # implicit pairs without a shared prefix
+            fail(f"{where}: the pair has no prompt (its texts share no prefix)")
         return {"prompt_text": text, "input_ids": ids}
 
     ds = ds.map(encode_prompt, with_indices=True, remove_columns=ds.column_names)
@@ -1943,11 +1947,15 @@ def make_accelerator(args):
     return accelerator
 
 
+def cache_home():
+    home = os.path.join(os.path.expanduser("~"), ".cache", "segment_rlhf")
+    return os.path.realpath(os.environ.get("SEGMENT_RLHF_CACHE") or home)
+
+
 def cache_dir(kind, inputs=()):
     """$SEGMENT_RLHF_CACHE/kind (default ~/.cache/segment_rlhf/kind), made after the written-path
     rule: caches never go into a model folder, which push_to_hub would upload whole."""
-    home = os.path.join(os.path.expanduser("~"), ".cache", "segment_rlhf")
-    path = os.path.join(os.environ.get("SEGMENT_RLHF_CACHE") or home, kind)
+    path = os.path.join(cache_home(), kind)
     path = output_path(path, inputs, "the cache ($SEGMENT_RLHF_CACHE)", kind="folder")
     os.makedirs(path, exist_ok=True)
     return path
@@ -1955,22 +1963,27 @@ def cache_dir(kind, inputs=()):
 
 def stamp(path):
     """What an input's content is known by: a file's hash; for a folder (a model, a dataset), the
-    names and sizes of its files and the hash of each one's first and last MiB (weights are too
-    large to hash whole; a retrained model differs there, a copy does not); a hub id is itself."""
+    names and hashes of its files (a copy is the same input; a retrained model, or one with a few
+    layers merged from LoRA, another); a hub id is itself."""
     if not path or not os.path.exists(path):
         return path
     if os.path.isfile(path):
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha1").hexdigest()
-    digest = hashlib.sha1()
-    for file in sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names):
-        size = os.path.getsize(file)
-        digest.update(f"{os.path.relpath(file, path)} {size}".encode())
-        with open(file, "rb") as f:
-            digest.update(f.read(2**20))
-            f.seek(max(size - 2**20, 0))
-            digest.update(f.read(2**20))
-    return digest.hexdigest()
+        return file_hash(path, *stat_key(path))
+    files = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names)
+    names = [f"{os.path.relpath(f, path)} {file_hash(f, *stat_key(f))}" for f in files]
+    return hashlib.sha1("\n".join(names).encode()).hexdigest()
+
+
+def stat_key(file):
+    """What any write to a file changes: its inode, size and times (ctime cannot be set back)."""
+    st = os.stat(file)
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+@functools.cache  # read once per process while a file stays as it is (16 GB: some tens of s)
+def file_hash(file, *key):
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()
 
 
 def output_path(path, inputs, flag, kind="file"):
@@ -2423,6 +2436,9 @@ def resolve(command, args):
     if command == "fit-norm":  # in place unless --output-dir
         args.output_dir = args.output_dir or args.reward_model
     args.output_dir = args.output_dir or f"runs/toy-{'rm' if command == 'train-rm' else command}"
+    out = os.path.realpath(args.output_dir)
+    if os.path.commonpath([out, cache_home()]) == out:  # a replaced run would take it along
+        fail(f"$SEGMENT_RLHF_CACHE {cache_home()} lies inside --output-dir {out}: move one of them")
     for name, least in (("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):  # torchrun's, accelerate's
         value = os.environ.get(name, str(least))
         if not re.fullmatch(r"[0-9]+", value) or int(value) < least:

@@ -617,6 +617,42 @@ def test_every_trl_preference_layout_gives_the_same_pairs(toy, tmp_path, ext):
     assert pair["rejected_ids"] == rejected
 
 
+def test_ppo_prompts_of_preference_pairs_hold_no_answer(toy, tmp_path):
+    """ppo --dataset of preference pairs samples from their prompt, never from an answer."""
+    tok = S.load_tokenizer(toy["sft"])
+    implicit = {k: PAIR["prompt"] + " " + PAIR[k] for k in ("chosen", "rejected")}
+    chat = {k: user(PAIR["prompt"]) + assistant(PAIR[k]) for k in ("chosen", "rejected")}
+    for name, row in {"implicit": implicit, "chat": chat}.items():
+        data = write_rows(tmp_path / f"{name}.jsonl", [row] * 12)
+        train = S.prompt_splits(S.PPOArgs(dataset=data, eval_prompts=2, batch_size=8), tok)[0]
+        text = tok.decode(train[0]["input_ids"])
+        assert "Name 6 fruits." in text and "kiwi" not in text and "cat" not in text, text
+    data = write_rows(tmp_path / "apart.jsonl", [{"chosen": "a b", "rejected": "c d"}] * 12)
+    with pytest.raises(SystemExit, match="row 0, column 'chosen': the pair has no prompt"):
+        S.prompt_splits(S.PPOArgs(dataset=data, eval_prompts=2, batch_size=8), tok)
+
+
+def test_stamp_reads_every_byte_of_a_folder(tmp_path):
+    """A model with a few middle layers changed (a merged LoRA) is another input; a copy is not."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(bytes(3 * 2**20))
+    before = S.stamp(str(model))
+    assert S.stamp(str(shutil.copytree(model, tmp_path / "copy"))) == before
+    with open(model / "weights.bin", "r+b") as f:
+        f.seek(3 * 2**19)  # the middle, 1.5 MiB from either end
+        f.write(b"\x01")
+    assert S.stamp(str(model)) != before
+
+
+def test_a_cache_inside_the_run_directory_is_refused(tmp_path, monkeypatch):
+    """A replaced run takes its directory's contents along: the cache (and the lock) too."""
+    monkeypatch.setenv("SEGMENT_RLHF_CACHE", str(tmp_path / "out" / "cache"))
+    with pytest.raises(SystemExit, match="SEGMENT_RLHF_CACHE .* lies inside --output-dir"):
+        S.main(["train-rm", "--output-dir", str(tmp_path / "out/")])
+    assert not os.listdir(tmp_path)
+
+
 def test_sft_reads_trl_prompt_completion_layouts(toy, tmp_path):
     tok = S.load_tokenizer(toy["sft"])
     rows = {
