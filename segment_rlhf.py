@@ -64,6 +64,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorForSeq2Seq,
+    GenerationConfig,
     HfArgumentParser,
     LlamaConfig,
     LlamaForCausalLM,
@@ -919,7 +920,15 @@ def generate(policy, prompt_ids, prompt_mask, args, stop_ids, pad_id):
     whether each row `stopped` at all."""
     sampling = dict(do_sample=True, top_k=0, top_p=args.top_p, temperature=args.temperature)
     limits = dict(max_new_tokens=args.max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id)
-    out = unwrap(policy).generate(prompt_ids, attention_mask=prompt_mask, **sampling, **limits)
+    model = unwrap(policy)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's
+    # From the policy's own distribution, whose log-probs PPO uses: generate() would add what a
+    # generation_config.json asks (repetition_penalty, min_new_tokens, ...) and sample off-policy.
+    kept, inner.generation_config = inner.generation_config, GenerationConfig()
+    try:
+        out = model.generate(prompt_ids, attention_mask=prompt_mask, **sampling, **limits)
+    finally:
+        inner.generation_config = kept
     response = out[:, prompt_ids.shape[1] :]
     is_stop = torch.isin(response, torch.tensor(stop_ids, device=response.device))
     # Implementation detail: everything after the first stop token is masked (padding or junk).

@@ -632,6 +632,24 @@ def test_ppo_prompts_of_preference_pairs_hold_no_answer(toy, tmp_path):
         S.prompt_splits(S.PPOArgs(dataset=data, eval_prompts=2, batch_size=8), tok)
 
 
+def test_rollouts_sample_the_policy_not_its_generation_config(toy, tmp_path):
+    """Penalties and cuts from a generation_config.json would make PPO's rollouts off-policy."""
+    path = shutil.copytree(toy["sft"], tmp_path / "sft")
+    config = json.load(open(path / "generation_config.json"))
+    config.update(min_new_tokens=30, repetition_penalty=5.0)
+    (path / "generation_config.json").write_text(json.dumps(config))
+    tok, policy = S.load_tokenizer(str(path)), S.load_model(str(path))
+    text = tok.apply_chat_template(
+        user("Name 3 fruits."), add_generation_prompt=True, tokenize=False
+    )
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]] * 4)
+    torch.manual_seed(0)
+    stop = [S.end_token_id(tok)]
+    sample = S.generate(policy, ids, torch.ones_like(ids), S.PPOArgs(), stop, tok.pad_token_id)
+    assert sample["stopped"].all()  # the toy's short lists end, which min_new_tokens forbade
+    assert policy.generation_config.min_new_tokens == 30  # the model's own, kept for its save
+
+
 def test_stamp_reads_every_byte_of_a_folder(tmp_path):
     """A model with a few middle layers changed (a merged LoRA) is another input; a copy is not."""
     model = tmp_path / "model"
