@@ -1850,6 +1850,8 @@ def load_model(path, kind="causal", bf16=False, tokenizer=None):
         fail(f"model {path}: {name} has shape {list(saved)}, the model needs {list(needed)}")
     if kind == "causal" and any(k.endswith("score.weight") for k in info["unexpected_keys"]):
         fail(f"{path} is a reward / value model; --model needs the SFT (causal LM) model")
+    if kind == "causal" and "lm_head.weight" in info["missing_keys"]:  # else a random one
+        fail(f"model {path} has no lm_head.weight in its weights (untied in its config.json?)")
     heads = sorted(k for k in info["unexpected_keys"] if "head" in k and "lm_head" not in k)
     if kind == "reward" and "score.weight" in info["missing_keys"]:
         found = f" (found {', '.join(heads)}: rename it to score.weight)" if heads else ""
@@ -2471,8 +2473,9 @@ def resolve(command, args):
 
 def first_line(e):
     """An exception as one line: an OS error's reason and file, else the first line it says."""
-    if isinstance(e, OSError) and e.strerror:
-        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    if isinstance(e, OSError) and e.strerror:  # a copy or a rename names both of its files
+        files = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        return f"{e.strerror}: {files}" if files else e.strerror
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 

@@ -1233,6 +1233,8 @@ def hostile(toy, tmp_path_factory):
     config = json.load(open(os.path.join(toy["sft"], "config.json")))
     text_layers = json.dumps({**config, "num_hidden_layers": "4"})
     model_copy("text_layers", toy["sft"], edit=bad_config("config.json", text_layers))
+    untied = json.dumps({**config, "tie_word_embeddings": False})  # its weights hold no lm_head
+    model_copy("untied", toy["sft"], edit=bad_config("config.json", untied))
     (tmp / "new\nline").mkdir()
     (tmp / "new\nline" / "mine.txt").write_text("mine")
     raising = model_copy("raising_template", toy["sft"])  # a template that refuses everything
@@ -1516,6 +1518,10 @@ HOSTILE["inputs found by a third probe"] = {
     "a config.json number written as text": (
         ["segment", "--model", "{tmp}/text_layers", "--text", "hi"],
         "could not load the tokenizer or config.json of",
+    ),
+    "a language model without its output layer": (
+        ["segment", "--model", "{tmp}/untied", "--text", "hi"],
+        "{tmp}/untied has no lm_head.weight in its weights",
     ),
     "a missing-end penalty beyond float32": (
         PPO + ["--missing-eos-penalty", "1e39"],
@@ -2311,6 +2317,22 @@ def test_a_full_disk_at_a_checkpoint_gets_one_line_and_leaves_nothing(command, t
         assert os.listdir(disk) == []
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=True)  # -l: torch may hold a file
+
+
+def test_a_full_disk_names_the_file_written_not_the_one_read(toy, tmp_path):
+    """fit-norm --output-dir copies the reward model: the line names the copy's disk."""
+    disk = tmp_path / "disk"
+    if not mount_tmpfs(disk, "2m"):  # the copy's weights do not fit
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        argv = ["fit-norm", "--reward-model", toy["rm"], "--output-dir", str(disk / "refit")]
+        with pytest.raises(SystemExit) as e:
+            S.main([*argv, "--norm-samples", "50"])
+        line = str(e.value)
+        assert "No space left on device: " in line and f"-> {disk}/refit/" in line, line
+        assert os.listdir(disk) == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 def test_a_run_whose_directory_cannot_be_made_gets_one_line(toy, tmp_path):
