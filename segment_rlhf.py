@@ -2059,7 +2059,8 @@ def start_run(args, command, accelerator, inputs, in_place=False):
             RUN["created"] = True
         write_json(os.path.join(work, "args.json"), record)
         if not (args.resume and checkpoints(work)):  # no stale rows from an earlier attempt
-            open(os.path.join(work, "metrics.jsonl"), "w").close()
+            with atomic(os.path.join(work, "metrics.jsonl")) as tmp:  # a new file: a hard-linked
+                open(tmp, "w").close()  # backup of the run (cp -al) keeps its rows
     accelerator.wait_for_everyone()
     args.output_dir = work
 

@@ -2335,6 +2335,24 @@ def test_a_full_disk_names_the_file_written_not_the_one_read(toy, tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
+def test_a_hard_linked_backup_of_a_run_is_left_as_it_was(toy, tmp_path):
+    """cp -al or rsync --link-dest share a run's files with its backup: a run goes on in new
+    files, never in the ones it shares."""
+    data = write_rows(tmp_path / "pairs.jsonl", S.toy_preference_rows(24, seed=3))
+    run, backup = tmp_path / "rm", tmp_path / "backup"
+    argv = ["train-rm", "--model", toy["sft"], "--dataset", data, "--eval-size", "4"]
+    argv += ["--epochs", "1", "--output-dir", str(run)]
+    S.main(argv)
+    os.remove(run / "result.json")  # killed before its end, without a checkpoint
+    backup.mkdir()
+    for name in os.listdir(run):
+        if os.path.isfile(run / name):
+            os.link(run / name, backup / name)
+    before = tree_hashes(backup)
+    S.main([*argv, "--resume"])
+    assert tree_hashes(backup) == before
+
+
 def test_a_run_whose_directory_cannot_be_made_gets_one_line(toy, tmp_path):
     disk = tmp_path / "disk"
     if not mount_tmpfs(disk, "1m,nr_inodes=1"):  # the mount point itself: no inode left
