@@ -673,7 +673,10 @@ def add_entropies(ds, args, accelerator, model_path, tokenizer):
                 shutil.rmtree(part(i), ignore_errors=True)
     accelerator.wait_for_everyone()
     files = sorted(f for f in os.listdir(cache) if f.startswith("entropy-"))  # not datasets' own
-    parts = [datasets.Dataset.from_file(os.path.join(cache, f)) for f in files]
+    try:
+        parts = [datasets.Dataset.from_file(os.path.join(cache, f)) for f in files]
+    except (OSError, ValueError) as e:  # a disk fault, a cache copied in part
+        fail(f"the entropy cache {cache} is damaged ({first_line(e)}); remove it")
     return datasets.concatenate_datasets(parts)
 
 
@@ -1960,7 +1963,7 @@ def make_accelerator(args):
 
 def cache_home():
     home = os.path.join(os.path.expanduser("~"), ".cache", "segment_rlhf")
-    return os.path.realpath(os.environ.get("SEGMENT_RLHF_CACHE") or home)
+    return os.path.realpath(os.path.expanduser(os.environ.get("SEGMENT_RLHF_CACHE") or home))
 
 
 def cache_dir(kind, inputs=()):

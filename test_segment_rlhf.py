@@ -2201,6 +2201,13 @@ def test_entropy_cache_follows_the_reference_weights(toy, tmp_path, monkeypatch)
     again = S.add_entropies(pairs, S.RMArgs(), accelerator, str(ref), tok)["chosen_entropy"]
     entries = [n for n in os.listdir(tmp_path / "cache" / "entropy") if not n.endswith(".lock")]
     assert again != first and len(entries) == 2
+    for entry in entries:  # a damaged cache (a disk fault, a partial copy) is named
+        truncate(tmp_path / "cache" / "entropy" / entry / "entropy-00000.arrow")
+    with pytest.raises(SystemExit, match="the entropy cache .* is damaged .*; remove it"):
+        S.add_entropies(pairs, S.RMArgs(), accelerator, str(ref), tok)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("SEGMENT_RLHF_CACHE", "~/cache")  # quoted in an env file: not a folder ~
+    assert S.cache_dir("entropy") == str(tmp_path / "cache" / "entropy")
 
 
 def test_a_reference_model_changed_since_the_reward_model_was_trained_is_refused(toy, tmp_path):
