@@ -539,7 +539,7 @@ def train_rm(args):
     )
     # Where training stands: optimizer steps, epoch, batches done in it, the epoch's loss so far.
     fresh = {"step": 0, "epoch": 0, "batch": 0, "loss_sum": 0.0}
-    state = (load_checkpoint(accelerator, args) if args.resume else None) or fresh
+    state = (load_checkpoint(accelerator, args, fresh) if args.resume else None) or fresh
     step, per_epoch = state["step"], len(train_loader)
     done_before = state["epoch"] * per_epoch + state["batch"]
     quiet = not accelerator.is_local_main_process
@@ -851,7 +851,7 @@ def ppo(args):
     models.critic, opt_c = accelerator.prepare(models.critic, opt_c)
     accelerator.register_for_checkpointing(sched_p, sched_c)
     policy, critic = models.policy, models.critic
-    resumed = load_checkpoint(accelerator, args) if args.resume else None
+    resumed = load_checkpoint(accelerator, args, {"step": 0, "before": {}}) if args.resume else None
     state = resumed or {"step": 0, "before": evaluate_policy(models, eval_loader, args, settings)}
     before, metrics = state["before"], state.get("metrics", {})
     quiet = not accelerator.is_local_main_process
@@ -1810,7 +1810,7 @@ def model_folder(path):
 
 # What transformers raises for a missing, damaged or mistyped file of a model folder.
 DAMAGED = (OSError, ValueError, RuntimeError, TypeError, KeyError, AttributeError, SafetensorError)
-DAMAGED += (StrictDataclassError,)
+DAMAGED += (StrictDataclassError, AssertionError, IndexError)  # torch's checks of a config
 
 
 def load_tokenizer(path):
@@ -1945,7 +1945,10 @@ def save_model(accelerator, model, tokenizer, output_dir):
 # result.json), and one error boundary (main).
 
 RUN = {}  # the run this process writes: its directories, lock, and whether it made the directory
-CAUGHT = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}  # Ctrl-C, `timeout` / schedulers, hang-up
+# Ctrl-C, `timeout` and schedulers (SIGTERM; SLURM's --signal: SIGUSR1/2; a CPU limit: SIGXCPU), a
+# closed terminal (SIGHUP), Ctrl-\ (SIGQUIT): each one line and a clean-up, not a silent death.
+CAUGHT = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1}
+CAUGHT |= {signal.SIGUSR2, signal.SIGXCPU}
 
 
 def make_accelerator(args):
@@ -2206,14 +2209,18 @@ def save_checkpoint(accelerator, args, state):
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator, args):
-    """--resume: restore the newest checkpoint and drop the metrics rows logged after it."""
+def load_checkpoint(accelerator, args, fresh):
+    """--resume: restore the newest checkpoint, its state of the keys and types of `fresh` (the
+    state at the start), and drop the metrics rows logged after it."""
     path = (checkpoints(args.output_dir) or [None])[-1]
     if path is None:
         say(f"--resume: no checkpoint in {args.output_dir}, starting from the beginning")
         return None
     state = read_json(os.path.join(path, "state.json"), "checkpoint state")
     try:
+        shaped = all(type(state.get(k)) is type(v) for k, v in fresh.items())
+        if not shaped or path != os.path.join(args.output_dir, f"checkpoint-{state['step']}"):
+            raise ValueError(f"its state.json does not hold {', '.join(fresh)} as written")
         rows = int(state["metrics_rows"])
         accelerator.load_state(path)
     except (KeyError, TypeError, OSError, RuntimeError, ValueError, SafetensorError) as e:
@@ -2484,13 +2491,14 @@ def first_line(e):
 
 
 def interrupt(signum, frame):
-    """SIGTERM (what `timeout` and schedulers send) and SIGHUP (a closed terminal) are handled like
-    Ctrl-C: one line, cleaned up."""
+    """The signals of CAUGHT are handled like Ctrl-C: one line, cleaned up. One the process was
+    started ignoring stays ignored (nohup's SIGHUP: the run outlives its terminal)."""
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv=None):
     command, caught = None, CAUGHT - {signal.SIGINT}  # Ctrl-C raises KeyboardInterrupt itself
+    caught = {s for s in caught if signal.getsignal(s) != signal.SIG_IGN}  # nohup's SIGHUP stays
     previous = {sig: signal.signal(sig, interrupt) for sig in caught}
     # transformers reports a fresh scalar head as MISSING, which reads like an error (load_model
     # checks the loading info itself); and, so quieted, which layers were "not sharded" on one GPU.
@@ -2539,7 +2547,7 @@ def main(argv=None):
     except SystemExit as e:  # a fail() line: say where a failed run stands
         raise SystemExit(e.code + where_it_stands()) if isinstance(e.code, str) else e from None
     except (OSError, RuntimeError, ValueError, ImportError, SafetensorError, TemplateError) as e:
-        if os.environ.get("SEGMENT_RLHF_DEBUG"):
+        if os.environ.get("SEGMENT_RLHF_DEBUG", "0").lower() in ("1", "true", "yes"):
             raise
         what = "the chat template raised: " if isinstance(e, TemplateError) else ""
         how = "" if isinstance(e, OSError) else " (SEGMENT_RLHF_DEBUG=1 shows the traceback)"

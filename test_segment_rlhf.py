@@ -1235,6 +1235,8 @@ def hostile(toy, tmp_path_factory):
     model_copy("text_layers", toy["sft"], edit=bad_config("config.json", text_layers))
     untied = json.dumps({**config, "tie_word_embeddings": False})  # its weights hold no lm_head
     model_copy("untied", toy["sft"], edit=bad_config("config.json", untied))
+    pad = json.dumps({**config, "pad_token_id": 9999})
+    model_copy("pad_beyond", toy["sft"], edit=bad_config("config.json", pad))
     (tmp / "new\nline").mkdir()
     (tmp / "new\nline" / "mine.txt").write_text("mine")
     raising = model_copy("raising_template", toy["sft"])  # a template that refuses everything
@@ -1246,12 +1248,15 @@ def hostile(toy, tmp_path_factory):
     tok.add_tokens(["<extra>"])
     tok.save_pretrained(other)
     args = json.load(open(os.path.join(toy["rm"], "args.json")))
-    for name in ("rm_run", "rm_bad_ckpt"):  # the toy run's own directory, as if killed at step 3
+    state = {"step": 3, "epoch": 0, "batch": 3, "loss_sum": 1.5, "metrics_rows": 1}
+    for name in ("rm_run", "rm_bad_ckpt", "rm_edited_ckpt"):  # the toy run's, killed at step 3
         path = model_copy(name, toy["rm"], drop=["result.json"])  # not finished
         json.dump({**args, "output_dir": str(path)}, open(path / "args.json", "w"), indent=1)
         (path / "checkpoint-3").mkdir()
-        (path / "checkpoint-3" / "state.json").write_text('{"step": 3, "metrics_rows": 1}')
+        (path / "checkpoint-3" / "state.json").write_text(json.dumps(state))
     (tmp / "rm_bad_ckpt" / "checkpoint-3" / "model.safetensors").write_text("garbage")
+    edited = json.dumps({**state, "loss_sum": "x"})  # by hand, or by another version
+    (tmp / "rm_edited_ckpt" / "checkpoint-3" / "state.json").write_text(edited)
     # a run on {tmp}/pairs.jsonl, killed at step 3, whose data file was replaced since
     path = model_copy("rm_data_run", tmp / "rm_run")
     data = str(tmp / "pairs.jsonl")
@@ -1523,6 +1528,15 @@ HOSTILE["inputs found by a third probe"] = {
         ["segment", "--model", "{tmp}/untied", "--text", "hi"],
         "{tmp}/untied has no lm_head.weight in its weights",
     ),
+    "a pad token id beyond the embeddings": (
+        ["segment", "--model", "{tmp}/pad_beyond", "--text", "hi"],
+        "could not load model '{tmp}/pad_beyond': Padding_idx must be within num_embeddings",
+    ),
+    "a checkpoint state of other types": (
+        ["train-rm", "--model", "{sft}", "--epochs", "3", "--resume"]
+        + ["--output-dir", "{tmp}/rm_edited_ckpt"],
+        "checkpoint-3 is damaged (its state.json does not hold step, epoch, batch, loss_sum",
+    ),
     "a missing-end penalty beyond float32": (
         PPO + ["--missing-eos-penalty", "1e39"],
         "--missing-eos-penalty must be in [-1e4, 1e4], got 1e+39",
@@ -1623,19 +1637,26 @@ def test_fit_norm_writes_only_when_done_keeps_a_backup_and_honours_output_dir(
 
 
 def test_ctrl_c_sigterm_and_sighup_get_one_line_and_leave_no_directory(toy, tmp_path):
-    """Ctrl-C, SIGTERM (what `timeout` and schedulers send) and SIGHUP (a closed terminal), to
-    three runs started together."""
+    """Ctrl-C, SIGTERM (what `timeout` and schedulers send), SIGHUP (a closed terminal) and the
+    others a run is stopped by, to runs started together; a SIGHUP that nohup ignores stays so."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # A shell that starts a job in the background makes it ignore SIGINT, and children inherit
-    # that: give the run the default disposition, as in a terminal.
-    default = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    # A shell that starts a job in the background makes it ignore SIGINT and SIGQUIT, and
+    # children inherit that: give the run the default disposition, as in a terminal.
+    default = lambda: [signal.signal(s, signal.SIG_DFL) for s in S.CAUGHT]  # noqa: E731
+    nohup = lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)  # noqa: E731
+    argv = [sys.executable, S.__file__, *[a.format(sft=toy["sft"]) for a in RM]]
+    (tmp_path / "nohup").mkdir()
+    kept = [*argv, "--output-dir", str(tmp_path / "nohup" / "rm")]
+    kept = subprocess.Popen(kept, stderr=subprocess.PIPE, env=env, preexec_fn=nohup)
+    while kept.poll() is None and not (tmp_path / "nohup" / "rm" / "args.json").exists():
+        time.sleep(0.05)
+    kept.send_signal(signal.SIGHUP)
     runs = {}
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in sorted(S.CAUGHT):
         out = tmp_path / sig.name / "rm"
         out.parent.mkdir()
-        argv = [sys.executable, S.__file__, *[a.format(sft=toy["sft"]) for a in RM]]
-        argv += ["--output-dir", str(out)]
-        runs[sig] = out, subprocess.Popen(argv, stderr=subprocess.PIPE, env=env, preexec_fn=default)
+        run = [*argv, "--output-dir", str(out)]
+        runs[sig] = out, subprocess.Popen(run, stderr=subprocess.PIPE, env=env, preexec_fn=default)
     for sig, (out, proc) in runs.items():  # each signalled once it has claimed its directory
         while proc.poll() is None and not (out / "args.json").exists():
             time.sleep(0.05)
@@ -1652,6 +1673,8 @@ def test_ctrl_c_sigterm_and_sighup_get_one_line_and_leave_no_directory(toy, tmp_
         last = err.strip().splitlines()[-1]
         assert last == f"segment_rlhf: error: interrupted{how}; resume with --resume"
         assert "Traceback" not in err and os.listdir(out.parent) == []
+    kept.terminate()  # unless it has finished: the SIGHUP did not stop it
+    assert kept.wait() in (0, 128 + signal.SIGTERM)
 
 
 @pytest.mark.parametrize("wrapped", [RuntimeError, S.fail])
@@ -1672,6 +1695,23 @@ def test_an_interrupt_that_torch_wraps_is_still_an_interrupt(wrapped, monkeypatc
         S.main(["segment"])
     assert e.value.code == 143
     assert capsys.readouterr().err.strip() == "segment_rlhf: error: interrupted by SIGTERM"
+
+
+@pytest.mark.parametrize("debug", ["", "0", "false", "1"])
+def test_a_library_error_is_one_line_unless_debugging(debug, monkeypatch):
+    def broken(args):
+        raise ValueError("a library's complaint\nwith a second line")
+
+    monkeypatch.setitem(S.COMMANDS, "segment", (S.SegmentArgs, broken, "the segment view, broken"))
+    monkeypatch.setenv("SEGMENT_RLHF_DEBUG", debug)
+    if debug == "1":  # the traceback, on request
+        with pytest.raises(ValueError, match="a library's complaint"):
+            S.main(["segment"])
+        return
+    with pytest.raises(SystemExit) as e:
+        S.main(["segment"])
+    line = "segment_rlhf: error: a library's complaint (SEGMENT_RLHF_DEBUG=1 shows the traceback)"
+    assert str(e.value) == line
 
 
 def readme_commands():
