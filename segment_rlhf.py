@@ -1578,7 +1578,7 @@ def say(msg=""):
 
 def load_rows(name, split="train"):
     """A hub id, a saved dataset folder or a local json/jsonl/parquet file, through `datasets`."""
-    ext = os.path.splitext(name)[1].lstrip(".")
+    ext = os.path.splitext(name)[1].lstrip(".").lower()  # .JSONL too
     file = ext in ("json", "jsonl", "parquet")
     if file and not os.path.isfile(name):
         fail(f"dataset file {name} does not exist")
@@ -1820,7 +1820,7 @@ def load_tokenizer(path):
         fail(f"could not load the tokenizer or config.json of {path!r}: {first_line(e)}")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # pad == eos is fine: masks mark the padding
-    if tokenizer.chat_template is None:
+    if not str(tokenizer.chat_template or "").strip():  # none, or an empty file
         fail(f"tokenizer of {path!r} has no chat template; use an instruct/SFT model")
     return tokenizer
 

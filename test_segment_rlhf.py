@@ -650,6 +650,11 @@ def test_rollouts_sample_the_policy_not_its_generation_config(toy, tmp_path):
     assert policy.generation_config.min_new_tokens == 30  # the model's own, kept for its save
 
 
+def test_a_data_file_extension_in_capitals_is_read(tmp_path):
+    (tmp_path / "pairs.JSONL").write_text(json.dumps(PAIR) + "\n")
+    assert S.load_rows(str(tmp_path / "pairs.JSONL"))[0] == PAIR
+
+
 def test_stamp_reads_every_byte_of_a_folder(tmp_path):
     """A model with a few middle layers changed (a merged LoRA) is another input; a copy is not."""
     model = tmp_path / "model"
@@ -1235,6 +1240,7 @@ def hostile(toy, tmp_path_factory):
     model_copy("text_layers", toy["sft"], edit=bad_config("config.json", text_layers))
     untied = json.dumps({**config, "tie_word_embeddings": False})  # its weights hold no lm_head
     model_copy("untied", toy["sft"], edit=bad_config("config.json", untied))
+    (model_copy("empty_template", toy["sft"]) / "chat_template.jinja").write_text("")
     pad = json.dumps({**config, "pad_token_id": 9999})
     model_copy("pad_beyond", toy["sft"], edit=bad_config("config.json", pad))
     (tmp / "new\nline").mkdir()
@@ -1527,6 +1533,10 @@ HOSTILE["inputs found by a third probe"] = {
     "a language model without its output layer": (
         ["segment", "--model", "{tmp}/untied", "--text", "hi"],
         "{tmp}/untied has no lm_head.weight in its weights",
+    ),
+    "an empty chat template": (
+        ["segment", "--model", "{tmp}/empty_template", "--text", "hi"],
+        "empty_template' has no chat template; use an instruct/SFT model",
     ),
     "a pad token id beyond the embeddings": (
         ["segment", "--model", "{tmp}/pad_beyond", "--text", "hi"],
