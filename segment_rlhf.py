@@ -819,6 +819,10 @@ def fit_norm(args):
         if plot:  # first: a failing plot leaves the settings as they were
             from benchmarks.extras import plot_normalizer
 
+            # inside the run this one replaces: into the staged run, not the one removed
+            if os.path.commonpath([plot, RUN["final"]]) == RUN["final"]:
+                plot = os.path.join(args.output_dir, os.path.relpath(plot, RUN["final"]))
+                os.makedirs(os.path.dirname(plot), exist_ok=True)
             with atomic(plot) as tmp:  # a new file: a hard link to its path keeps its own
                 plot_normalizer(tmp, positions, rewards, settings["normalizer"])
         for name in [] if in_place else os.listdir(args.reward_model):  # not its run records

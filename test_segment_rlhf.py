@@ -2305,6 +2305,16 @@ def test_fit_norm_plot_onto_a_hard_link_leaves_the_linked_file_whole(toy, tmp_pa
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_fit_norm_plot_inside_the_run_it_replaces_lands_in_the_new_run(toy, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "refit"
+    argv = ["fit-norm", "--reward-model", toy["rm"], "--output-dir", str(out)]
+    S.main([*argv, "--norm-samples", "50"])
+    S.main([*argv, "--norm-samples", "60", "--overwrite", "--plot", str(out / "norm.png")])
+    assert (out / "norm.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(os.listdir(tmp_path)) == ["refit"]
+
+
 def test_entropies_are_computed_once_whatever_the_flags_they_do_not_read(
     toy, tmp_path, monkeypatch
 ):
