@@ -1113,8 +1113,6 @@ def ppo_models(args, accelerator, settings, tokenizer):
 
 
 def sft(args):
-    if args.save_every or args.resume:
-        fail("sft has no checkpoints (the toy's quick first stage); they are for train-rm and ppo")
     accelerator = make_accelerator(args)
     if args.model:
         tokenizer = load_tokenizer(args.model)
@@ -2452,6 +2450,8 @@ def resolve(command, args):
     if command == "ppo" and args.max_prompt_len + args.max_new_tokens > args.max_len:
         sizes = f"({args.max_prompt_len} + {args.max_new_tokens} > {args.max_len})"
         fail(f"--max-prompt-len + --max-new-tokens must not exceed --max-len {sizes}")
+    if command in ("sft", "fit-norm") and (args.save_every or args.resume):  # quick, or in place
+        fail(f"{command} has no checkpoints: --save-every and --resume are for train-rm and ppo")
     if args.resume and args.overwrite:
         fail("--resume continues a run and --overwrite starts it again: pass one of them")
     # runs/toy-* are the one-list toy's: a longer one (--toy-lists) names its own runs and SFT

@@ -888,6 +888,7 @@ BAD_INPUT = {
     ),
     "unknown preset": (["ppo", "--preset", "gpt5"], "unknown --preset 'gpt5'"),
     "checkpoint flags on sft": (["sft", "--resume"], "sft has no checkpoints"),
+    "checkpoint flags on fit-norm": (["fit-norm", "--resume"], "fit-norm has no checkpoints"),
     "model that does not exist": (["train-rm", "--model", "{tmp}/nope"], "does not exist"),
     "dataset file that does not exist": (
         ["train-rm", "--model", "{sft}", "--dataset", "{tmp}/nope.jsonl"],
