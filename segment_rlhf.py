@@ -620,7 +620,10 @@ def reference_entropy(ref_model, input_ids, attention_mask, batch_size=64):
     """(N, T) entropies of the frozen reference model, one no-grad forward per example."""
     chunks = zip(input_ids.split(batch_size), attention_mask.split(batch_size))
     entropies = [token_entropy(forward(ref_model, i, m).logits) for i, m in chunks]
-    return torch.cat(entropies) * attention_mask
+    entropy = torch.cat(entropies) * attention_mask
+    if not torch.isfinite(entropy).all():  # NaN > c is False: no segment cut, and no word said
+        fail(f"the reference model {ref_model.name_or_path} gives non-finite entropies: damaged?")
+    return entropy
 
 
 def add_entropies_batch(rows, ref_model, pad_id, device):

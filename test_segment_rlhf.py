@@ -1242,6 +1242,7 @@ def hostile(toy, tmp_path_factory):
     untied = json.dumps({**config, "tie_word_embeddings": False})  # its weights hold no lm_head
     model_copy("untied", toy["sft"], edit=bad_config("config.json", untied))
     (model_copy("empty_template", toy["sft"]) / "chat_template.jinja").write_text("")
+    model_copy("nan_weights", toy["sft"], edit=nan_weights)
     pad = json.dumps({**config, "pad_token_id": 9999})
     model_copy("pad_beyond", toy["sft"], edit=bad_config("config.json", pad))
     (tmp / "new\nline").mkdir()
@@ -1284,6 +1285,14 @@ def resize_head(path):
 def truncate(path):
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])
+
+
+def nan_weights(path):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path / "model.safetensors")
+    weights = {k: v * float("nan") if "layers.0." in k else v for k, v in weights.items()}
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
 
 
 def rename_score_to_value_head(path):
@@ -1534,6 +1543,10 @@ HOSTILE["inputs found by a third probe"] = {
     "a language model without its output layer": (
         ["segment", "--model", "{tmp}/untied", "--text", "hi"],
         "{tmp}/untied has no lm_head.weight in its weights",
+    ),
+    "a reference model of NaN weights": (
+        ["segment", "--model", "{tmp}/nan_weights", "--text", "fig, kiwi"],
+        "the reference model {tmp}/nan_weights gives non-finite entropies",
     ),
     "an empty chat template": (
         ["segment", "--model", "{tmp}/empty_template", "--text", "hi"],
