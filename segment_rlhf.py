@@ -2465,9 +2465,9 @@ def resolve(command, args):
     if command == "fit-norm":  # in place unless --output-dir
         args.output_dir = args.output_dir or args.reward_model
     args.output_dir = args.output_dir or f"runs/toy-{'rm' if command == 'train-rm' else command}"
-    out = os.path.realpath(args.output_dir)
-    if os.path.commonpath([out, cache_home()]) == out:  # a replaced run would take it along
-        fail(f"$SEGMENT_RLHF_CACHE {cache_home()} lies inside --output-dir {out}: move one of them")
+    out, cache = os.path.realpath(args.output_dir), cache_home()
+    if os.path.commonpath([out, cache]) == out:  # a replaced run would take it along
+        fail(f"$SEGMENT_RLHF_CACHE {cache} lies inside --output-dir {out}: move one of them")
     for name, least in (("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):  # torchrun's, accelerate's
         value = os.environ.get(name, str(least))
         if not re.fullmatch(r"[0-9]+", value) or int(value) < least:
