@@ -1584,7 +1584,7 @@ def say(msg=""):
 def load_rows(name, split="train"):
     """A hub id, a saved dataset folder or a local json/jsonl/parquet file, through `datasets`."""
     ext = os.path.splitext(name)[1].lstrip(".").lower()  # .JSONL too
-    file = ext in ("json", "jsonl", "parquet")
+    file = ext in ("json", "jsonl", "parquet") and not os.path.isdir(name)  # rows.jsonl/: a folder
     if file and not os.path.isfile(name):
         fail(f"dataset file {name} does not exist")
     if not (file or os.path.isdir(name) or is_hub_id(name)):

@@ -655,6 +655,12 @@ def test_a_data_file_extension_in_capitals_is_read(tmp_path):
     assert S.load_rows(str(tmp_path / "pairs.JSONL"))[0] == PAIR
 
 
+def test_a_folder_named_like_a_data_file_is_read_as_a_dataset_folder(tmp_path):
+    (tmp_path / "pairs.jsonl").mkdir()  # shards of a file too big for one, say
+    (tmp_path / "pairs.jsonl" / "train.jsonl").write_text(json.dumps(PAIR) + "\n")
+    assert S.load_rows(str(tmp_path / "pairs.jsonl"))[0] == PAIR
+
+
 def test_stamp_reads_every_byte_of_a_folder(tmp_path):
     """A model with a few middle layers changed (a merged LoRA) is another input; a copy is not."""
     model = tmp_path / "model"
