@@ -577,7 +577,7 @@ def train_rm(args):
         metrics.update(evaluate_rm(model, eval_loader, args.entropy_threshold, accelerator))
         log_metrics(args, accelerator, metrics)
         if accelerator.is_main_process:
-            bar.write(json.dumps(metrics))
+            bar.write(json.dumps(plain(metrics)))
     bar.close()  # now: an error line later must not be followed by the bar
     # The location-aware normalizer, fitted on the trained model; then the model and its settings.
     c, end = args.entropy_threshold, args.end_token or tokenizer.eos_token
@@ -2040,6 +2040,7 @@ def start_run(args, command, accelerator, inputs, in_place=False):
     for key in {"model", "dataset", "reward_model"} & set(record):  # one spelling, as for OUT
         record[key] = real(record[key])
     record.update(output_dir=final, inputs={real(p): stamp(p) for p in inputs if p})
+    record = plain(record)  # as args.json holds it
     work = staged if args.resume and os.path.isfile(os.path.join(staged, "args.json")) else final
     mode = "in place" if in_place else run_mode(work, record, args)
     if mode == "finished":
@@ -2085,7 +2086,7 @@ def run_mode(path, record, args):
         return "new"
     if not os.path.isfile(os.path.join(path, "args.json")):
         fail(f"{path} is not empty, was not written by segment_rlhf.py: pass another --output-dir")
-    old = read_json(os.path.join(path, "args.json"), "run settings")
+    old = plain(read_json(os.path.join(path, "args.json"), "run settings"))  # a bare Infinity too
     if old != record and args.resume:
         keys = [k for k in {**record, **old} if k != "inputs" and old.get(k) != record.get(k)]
         flags = [f"--{k.replace('_', '-')} {record.get(k)} (was {old.get(k)})" for k in keys]
@@ -2127,7 +2128,7 @@ def finish_run(args, accelerator, result):
     accelerator.wait_for_everyone()
     args.output_dir, RUN["created"] = RUN["given"], False
     close_run()
-    return result
+    return plain(result)  # as result.json holds it
 
 
 def close_run():
@@ -2171,15 +2172,25 @@ def atomic(path):
             os.remove(tmp)
 
 
+def plain(value):
+    """JSON has no infinity (RFC 8259: jq and the Hub's parser refuse a bare Infinity), so what
+    this file writes names a non-finite number instead: a bandit's c = inf is "inf"."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def write_json(path, value):
     with atomic(path) as tmp, open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
+        json.dump(plain(value), f, indent=1)
 
 
 def log_metrics(args, accelerator, row):
     if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(plain(row)) + "\n")
 
 
 def checkpoints(output_dir):
@@ -2298,6 +2309,8 @@ def load_rm_settings(path):
     if missing := [k for k in needed if k not in stored]:
         fail(f"{file} lacks {', '.join(missing)}; retrain with train-rm or restore the file")
     s = {**stored, **{k: config[k] for k in ("mean", "std") if k in config}}
+    if s["entropy_threshold"] == "inf":  # the bandit's c, as plain() writes it
+        s["entropy_threshold"] = math.inf
     # One check of every value PPO reads: a wrong one would run and give a wrong result.
     c, norm = s["entropy_threshold"], s.get("normalizer")
     numbers = [c, *(norm or []), *(s[k] for k in ("mean", "std", "min_position") if k in s)]
@@ -2328,7 +2341,8 @@ def write_rm_settings(rm_dir, settings, backup=False):
     config = read_json(file, "model config")
     with atomic(file) as tmp:  # the new file whole first: a full disk leaves both as they were
         with open(tmp, "w") as f:
-            json.dump({**config, "segment_rlhf": settings, "mean": mean, "std": std}, f, indent=1)
+            config.update(segment_rlhf=settings, mean=mean, std=std)
+            json.dump(plain(config), f, indent=1)
         if backup:
             with atomic(file + ".bak") as bak:
                 shutil.copy2(file, bak)
@@ -2520,7 +2534,7 @@ def main(argv=None):
                 resolved["reward_model_settings"] = planned_rm_settings(args)
             if getattr(args, "episodes", 0):  # --steps follow from the prompts, not loaded yet
                 resolved["steps"] = f"--episodes {args.episodes} x prompts / --batch-size"
-            print(json.dumps(resolved, indent=1))
+            print(json.dumps(plain(resolved), indent=1))
             return resolved
         run = COMMANDS[command][1]
         if command == "ppo" and args.reward_model in (TOY_RM, LOOK_RM) and not args.dataset:
@@ -2541,7 +2555,7 @@ def main(argv=None):
                     break
                 cause = cause.__cause__ or cause.__context__
             raise cause if isinstance(cause, KeyboardInterrupt) else e
-        print(json.dumps(result), flush=True)
+        print(json.dumps(plain(result)), flush=True)
     except BrokenPipeError:  # stdout closed early (`| head`, the segment view or the closing
         # line): quiet, as other tools are; nothing else here writes to a pipe
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit

@@ -661,6 +661,27 @@ def test_a_folder_named_like_a_data_file_is_read_as_a_dataset_folder(tmp_path):
     assert S.load_rows(str(tmp_path / "pairs.jsonl"))[0] == PAIR
 
 
+def strict_json(text):
+    """json.loads refusing what RFC 8259 has not (Infinity, NaN), as jq and the Hub refuse it."""
+    return json.loads(text, parse_constant=lambda name: pytest.fail(f"a bare {name} in JSON"))
+
+
+def test_a_bandit_reward_model_writes_strict_json_and_reads_back_as_a_bandit(toy, tmp_path, capsys):
+    out = tmp_path / "bandit-rm"
+    argv = ["train-rm", "--model", toy["sft"], "--entropy-threshold", "inf", "--epochs", "1"]
+    argv += ["--output-dir", str(out)]
+    result = S.main(argv)
+    assert strict_json(capsys.readouterr().out.splitlines()[-1])["entropy_threshold"] == "inf"
+    for text in [(out / n).read_text() for n in ("config.json", "args.json", "result.json")]:
+        strict_json(text)
+    assert all(strict_json(row) for row in (out / "metrics.jsonl").read_text().splitlines())
+    assert math.isinf(S.load_rm_settings(str(out))["entropy_threshold"])
+    assert S.main(argv) == result  # "holds this run, finished": its args.json reads as equal
+    sizes = ["--steps", "1", "--batch-size", "8", "--mini-batch-size", "8", "--eval-prompts", "8"]
+    ppo = ["ppo", "--model", toy["sft"], "--reward-model", str(out), "--output-dir"]
+    assert S.main([*ppo, str(tmp_path / "ppo"), *sizes])["reward_mode"] == "bandit"
+
+
 def test_stamp_reads_every_byte_of_a_folder(tmp_path):
     """A model with a few middle layers changed (a merged LoRA) is another input; a copy is not."""
     model = tmp_path / "model"
