@@ -2341,8 +2341,8 @@ def write_rm_settings(rm_dir, settings, backup=False):
     config = read_json(file, "model config")
     with atomic(file) as tmp:  # the new file whole first: a full disk leaves both as they were
         with open(tmp, "w") as f:
-            config.update(segment_rlhf=settings, mean=mean, std=std)
-            json.dump(plain(config), f, indent=1)
+            config.update(plain(dict(segment_rlhf=settings, mean=mean, std=std)))  # ours alone
+            json.dump(config, f, indent=1)
         if backup:
             with atomic(file + ".bak") as bak:
                 shutil.copy2(file, bak)
