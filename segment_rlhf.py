@@ -30,11 +30,13 @@ import bisect
 import contextlib
 import dataclasses
 import functools
+import glob
 import hashlib
 import itertools
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -193,7 +195,8 @@ BOUNDS = {
     "[0, 1]": "lam flaw_rate min_lr_ratio",
     "[0, 1)": "warmup_ratio",
     "[0, inf]": "entropy_threshold",
-    "[0, inf)": "save_every lora_rank norm_samples episodes beta row",
+    "[0, inf)": "save_every lora_rank norm_samples beta row",
+    "[0, 1e6]": "episodes",  # int(episodes x prompts / batch size): infinity is no step count
     "(0, inf)": "clip_eps value_clip lora_alpha",
     "[0.1, inf)": "temperature",  # below, softmax(z / T) saturates: zero gradients, no learning
     "[-1e4, 1e4]": "missing_eos_penalty end_penalty",  # rewards are O(1); 1e39 overflows fp32
@@ -798,6 +801,8 @@ def fit_norm(args):
     tokenizer, _, model = load_scorers(ref_path, args.reward_model, args.bf16, with_ref=False)
     inputs = [ref_path, args.dataset, args.reward_model]
     plot = args.plot and output_path(args.plot, inputs, "--plot")
+    if plot and not plot.lower().endswith(".png"):  # nor then one of the run's own files
+        fail(f"--plot {args.plot}: the plot is a PNG image; give it a name ending in .png")
     if plot:  # checked before the work, not after it
         import matplotlib  # noqa: F401
     args.end_token = args.end_token or settings["end_token"]
@@ -1265,12 +1270,13 @@ def segment(args):
     if args.text is not None:
         shown = [("text", "", args.text)]
     elif args.response is not None:
-        shown = [("response", [{"role": "user", "content": args.prompt or ""}], args.response)]
+        shown = [("response", as_messages(args.prompt or "", tokenizer, "--prompt"), args.response)]
     elif args.dataset is not None:
         rows = load_rows(args.dataset)
         if not 0 <= args.row < len(rows):
             fail(f"--row {args.row} is outside the dataset's {len(rows)} rows")
-        check_columns(rows, ["chosen"])
+        pair = "rejected" in rows.column_names  # implicit pairs too, as train-rm reads them
+        check_columns(rows, ["chosen", "rejected"] if pair else ["chosen"])
         row, name = rows[args.row], f"row {args.row}"
         if "rejected" in row:
             prompt, chosen, rejected = split_pair(row, tokenizer, args.row)
@@ -1283,8 +1289,8 @@ def segment(args):
     end_id = end_token_id(tokenizer, end, args.reward_model) if args.text is None else None
     cut = cut_segments(tokenizer, ref, rm, [(p, r) for _, p, r in shown], threshold, end_id)
     views = [
-        {"title": title, "prompt": prompt and prompt[-1]["content"], "segments": segs}
-        for (title, prompt, _), segs in zip(shown, cut)
+        {"title": t, "prompt": p if isinstance(p, str) else p[-1]["content"], "segments": segs}
+        for (t, p, _), segs in zip(shown, cut)  # a prompt as text ends in the assistant header
     ]
     from benchmarks import extras
 
@@ -1589,7 +1595,10 @@ def load_rows(name, split="train"):
         fail(f"dataset file {name} does not exist")
     if not (file or os.path.isdir(name) or is_hub_id(name)):
         fail(f"dataset {name!r} is neither a hub id (org/name) nor a .json/.jsonl/.parquet file")
-    builder, files = (ext.replace("jsonl", "json"), name) if file else (name, None)
+    if os.path.isdir(name) and glob.escape(name) != name:  # datasets would read it as a pattern
+        fail(f"dataset folder {name}: datasets reads *, ? and [ in a folder's path; rename it")
+    # a file's name is escaped: datasets reads "pairs[1].jsonl" as a pattern matching pairs1.jsonl
+    builder, files = (ext.replace("jsonl", "json"), glob.escape(name)) if file else (name, None)
     # datasets knows a local file by its size and time: one edited in place came back from its
     # old cache. A cache of its own per content cannot be stale.
     where = None if is_hub_id(name) else cache_dir(os.path.join("data", stamp(name)), [name])
@@ -1810,12 +1819,16 @@ def model_folder(path):
     if not os.path.isdir(path) and not is_hub_id(path):
         what = "is not a model folder" if os.path.exists(path) else "does not exist"
         fail(f"model {path!r} {what} (pass a directory, a .gguf file or a hub id)")
+    real, cache = os.path.realpath(path), cache_home()  # models load before any cache is written
+    if os.path.isdir(real) and os.path.commonpath([real, cache]) == real:
+        fail(f"$SEGMENT_RLHF_CACHE {cache} lies inside the model {path}: move one of them")
     return path
 
 
 # What transformers raises for a missing, damaged or mistyped file of a model folder.
 DAMAGED = (OSError, ValueError, RuntimeError, TypeError, KeyError, AttributeError, SafetensorError)
 DAMAGED += (StrictDataclassError, AssertionError, IndexError)  # torch's checks of a config
+DAMAGED += (pickle.UnpicklingError, EOFError)  # a pytorch_model.bin that is no torch archive
 
 
 def load_tokenizer(path):
@@ -1848,8 +1861,11 @@ def load_model(path, kind="causal", bf16=False, tokenizer=None):
         load = dict(output_loading_info=True, ignore_mismatched_sizes=True)
         model, info = auto.from_pretrained(path, config=config, dtype=dtype, **load)
     except DAMAGED as e:
+        why = first_line(e)
+        if isinstance(e, (pickle.UnpicklingError, EOFError)):  # torch.load's own advice misleads
+            why = "a weights file is damaged, truncated or no torch archive"
         hint = "; the weights are damaged or truncated" if isinstance(e, SafetensorError) else ""
-        fail(f"could not load model {path!r}: {first_line(e)}{hint}")
+        fail(f"could not load model {path!r}: {why}{hint}")
     # Heads may be missing or unused by design (a fresh one, or the other kind's); no other weight.
     loose = {*info["missing_keys"], *info["unexpected_keys"]} - {"score.weight", "lm_head.weight"}
     if body := sorted(k for k in loose if "head" not in k):
@@ -2323,7 +2339,7 @@ def load_rm_settings(path):
     if not ok:
         fail(f"{file}: the settings hold non-finite or malformed values; refit with fit-norm")
     if (ref := s["reference_model"]).startswith("."):  # relative to the RM (write_rm_settings)
-        ref = os.path.abspath(os.path.join(path, ref))
+        ref = os.path.abspath(os.path.join(os.path.realpath(path), ref))  # a symlink's target
         s["reference_model"] = ref if os.path.isdir(ref) else s.get("reference_model_was", ref)
     return s
 

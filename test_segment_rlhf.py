@@ -682,6 +682,47 @@ def test_a_bandit_reward_model_writes_strict_json_and_reads_back_as_a_bandit(toy
     assert S.main([*ppo, str(tmp_path / "ppo"), *sizes])["reward_mode"] == "bandit"
 
 
+def test_a_data_file_named_like_a_pattern_is_read_itself(tmp_path):
+    (tmp_path / "pairs[1].jsonl").write_text(json.dumps(PAIR) + "\n")
+    (tmp_path / "pairs1.jsonl").write_text(json.dumps({**PAIR, "prompt": "other"}) + "\n")
+    assert S.load_rows(str(tmp_path / "pairs[1].jsonl"))[0] == PAIR  # not what the pattern matches
+
+
+def test_a_cache_inside_a_model_is_refused_before_anything_is_written(toy, tmp_path, monkeypatch):
+    sft, rm = (shutil.copytree(toy[k], tmp_path / k) for k in ("sft", "rm"))
+    edit_settings(rm, lambda s: {**s, "reference_model": str(sft)})
+    write_rows(tmp_path / "pairs.jsonl", S.toy_preference_rows(4))
+    monkeypatch.setenv("SEGMENT_RLHF_CACHE", str(sft / "cache"))  # into the reference model
+    before = tree_hashes(tmp_path)
+    with pytest.raises(SystemExit, match=f"SEGMENT_RLHF_CACHE .* lies inside the model {sft}:"):
+        S.main(["segment", "--reward-model", str(rm), "--dataset", str(tmp_path / "pairs.jsonl")])
+    assert tree_hashes(tmp_path) == before
+
+
+def test_a_reward_model_through_a_symlink_finds_its_own_reference_model(toy, tmp_path):
+    (tmp_path / "sft").mkdir()  # another folder where the relative reference points from the link
+    (tmp_path / "rm").symlink_to(os.path.abspath(toy["rm"]))
+    reference = S.load_rm_settings(str(tmp_path / "rm"))["reference_model"]
+    assert os.path.realpath(reference) == os.path.realpath(toy["sft"])
+
+
+def test_segment_reads_templated_prompts_and_implicit_pairs_as_train_rm_does(toy, tmp_path):
+    tok = S.load_tokenizer(toy["sft"])
+    templated = tok.apply_chat_template(user(PAIR["prompt"]), add_generation_prompt=True)
+    templated = tok.decode(templated)  # the prompt as text, ending in the assistant's header
+    answers = {"chosen": PAIR["chosen"], "rejected": PAIR["rejected"]}
+    write_rows(tmp_path / "templated.jsonl", [{"prompt": templated, **answers}])
+    implicit = {k: templated + v for k, v in answers.items()}  # the shared prefix is the prompt
+    write_rows(tmp_path / "implicit.jsonl", [implicit])
+    seg = ["segment", "--reward-model", toy["rm"]]
+    files = [tmp_path / "templated.jsonl", tmp_path / "implicit.jsonl"]
+    shown = [S.main([*seg, "--dataset", str(f)])["segments"] for f in files]
+    for prompt in (templated, PAIR["prompt"]):  # as it is, and through the chat template
+        shown.append(S.main([*seg, "--prompt", prompt, "--response", PAIR["chosen"]])["segments"])
+    assert shown[0] == shown[2] == shown[3]
+    assert "".join(s["text"] for s in shown[1]) == " kiwi, lemon, mango, plum."  # after "fig,"
+
+
 def test_stamp_reads_every_byte_of_a_folder(tmp_path):
     """A model with a few middle layers changed (a merged LoRA) is another input; a copy is not."""
     model = tmp_path / "model"
@@ -1272,6 +1313,10 @@ def hostile(toy, tmp_path_factory):
     model_copy("nan_weights", toy["sft"], edit=nan_weights)
     pad = json.dumps({**config, "pad_token_id": 9999})
     model_copy("pad_beyond", toy["sft"], edit=bad_config("config.json", pad))
+    bin_weights = model_copy("bin_weights", toy["sft"])  # safetensors bytes under torch's name
+    os.rename(bin_weights / "model.safetensors", bin_weights / "pytorch_model.bin")
+    (tmp / "shards[1]").mkdir()
+    write_rows(tmp / "shards[1]" / "train.jsonl", [pair] * 6)
     (tmp / "new\nline").mkdir()
     (tmp / "new\nline" / "mine.txt").write_text("mine")
     raising = model_copy("raising_template", toy["sft"])  # a template that refuses everything
@@ -1591,6 +1636,25 @@ HOSTILE["inputs found by a third probe"] = {
     "a missing-end penalty beyond float32": (
         PPO + ["--missing-eos-penalty", "1e39"],
         "--missing-eos-penalty must be in [-1e4, 1e4], got 1e+39",
+    ),
+}
+HOSTILE["inputs found by a fourth probe"] = {
+    "a weights file that is no torch archive": (
+        ["segment", "--model", "{tmp}/bin_weights", "--text", "hi"],
+        "could not load model '{tmp}/bin_weights': a weights file is damaged, truncated or no",
+    ),
+    "more episodes than a step count holds": (
+        PPO + ["--episodes", "1e308"],
+        "--episodes must be in [0, 1e6], got 1e+308",
+    ),
+    "a plot named as another format, or as a file of the run": (
+        ["fit-norm", "--reward-model", "{rm}", "--output-dir", "{tmp}/refit", "--plot"]
+        + ["{tmp}/norm.pdf"],
+        "--plot {tmp}/norm.pdf: the plot is a PNG image; give it a name ending in .png",
+    ),
+    "a dataset folder whose path datasets reads as a pattern": (
+        RM + ["--dataset", "{tmp}/shards[1]"],
+        "dataset folder {tmp}/shards[1]: datasets reads *, ? and [ in a folder's path; rename it",
     ),
 }
 HOSTILE_CASES = [(kind, case) for kind in HOSTILE for case in HOSTILE[kind]]
