@@ -801,7 +801,7 @@ def fit_norm(args):
     tokenizer, _, model = load_scorers(ref_path, args.reward_model, args.bf16, with_ref=False)
     inputs = [ref_path, args.dataset, args.reward_model]
     plot = args.plot and output_path(args.plot, inputs, "--plot")
-    if plot and not plot.lower().endswith(".png"):  # nor then one of the run's own files
+    if plot and not plot.lower().endswith(".png"):  # so never args.json or another run file
         fail(f"--plot {args.plot}: the plot is a PNG image; give it a name ending in .png")
     if plot:  # checked before the work, not after it
         import matplotlib  # noqa: F401
@@ -1278,7 +1278,7 @@ def segment(args):
         pair = "rejected" in rows.column_names  # implicit pairs too, as train-rm reads them
         check_columns(rows, ["chosen", "rejected"] if pair else ["chosen"])
         row, name = rows[args.row], f"row {args.row}"
-        if "rejected" in row:
+        if pair:
             prompt, chosen, rejected = split_pair(row, tokenizer, args.row)
             shown = [(f"{name}, chosen", prompt, chosen), (f"{name}, rejected", prompt, rejected)]
         else:
@@ -1861,11 +1861,11 @@ def load_model(path, kind="causal", bf16=False, tokenizer=None):
         load = dict(output_loading_info=True, ignore_mismatched_sizes=True)
         model, info = auto.from_pretrained(path, config=config, dtype=dtype, **load)
     except DAMAGED as e:
-        why = first_line(e)
-        if isinstance(e, (pickle.UnpicklingError, EOFError)):  # torch.load's own advice misleads
-            why = "a weights file is damaged, truncated or no torch archive"
-        hint = "; the weights are damaged or truncated" if isinstance(e, SafetensorError) else ""
-        fail(f"could not load model {path!r}: {why}{hint}")
+        torch_file = isinstance(e, (pickle.UnpicklingError, EOFError))  # its advice would mislead
+        why = "a weights file is no torch archive" if torch_file else first_line(e)
+        if torch_file or isinstance(e, SafetensorError):
+            why += "; the weights are damaged or truncated"
+        fail(f"could not load model {path!r}: {why}")
     # Heads may be missing or unused by design (a fresh one, or the other kind's); no other weight.
     loose = {*info["missing_keys"], *info["unexpected_keys"]} - {"score.weight", "lm_head.weight"}
     if body := sorted(k for k in loose if "head" not in k):

@@ -1641,7 +1641,7 @@ HOSTILE["inputs found by a third probe"] = {
 HOSTILE["inputs found by a fourth probe"] = {
     "a weights file that is no torch archive": (
         ["segment", "--model", "{tmp}/bin_weights", "--text", "hi"],
-        "could not load model '{tmp}/bin_weights': a weights file is damaged, truncated or no",
+        "could not load model '{tmp}/bin_weights': a weights file is no torch archive; the weights",
     ),
     "more episodes than a step count holds": (
         PPO + ["--episodes", "1e308"],
